@@ -1,0 +1,149 @@
+"""patch() / unpatch() / session(): GLASS on a Hugging Face model instance."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .config import NEEDS_GLOBAL, GlassConfig
+from .modules import GlassFFN
+from .registry import find_ffn_sites
+from .schedule import GlassState, Session
+
+logger = logging.getLogger("glass_kernels.patch")
+
+_ATTR = "_glass_patch"  # instance attribute holding the patch record; its presence = patched
+
+
+class _PatchRecord:
+    def __init__(self, state, sites, relaid, hooks):
+        self.state = state
+        self.sites = sites
+        self.relaid = relaid  # per site: parameters given the neuron-major layout
+        self.hooks = hooks
+
+
+def _calibrate_hint(method: str) -> str:
+    return (
+        f"method {method!r} needs global statistics: compute them once with "
+        "`stats = glass_kernels.calibrate(model, tokenizer)` (then `stats.save(path)` / "
+        "`glass_kernels.GlobalStats.load(path)`), or `python -m glass_kernels calibrate`, and pass "
+        "`patch(model, stats=stats)`; `patch(model, stats=\"calibrate\", tokenizer=tok)` calibrates "
+        "now; methods \"griffin\", \"random\" and \"dense\" need none"
+    )
+
+
+def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, tokenizer=None,
+          **overrides) -> nn.Module:
+    """Patch ``model`` in place for GLASS decoding and return it.
+
+    Args:
+        model: a transformers model *instance* (e.g. ``LlamaForCausalLM``); the module whose
+            forward receives ``past_key_values`` / ``attention_mask`` (the schedule hooks it).
+        config: a GlassConfig (default ``GlassConfig()``); ``overrides`` replace its fields, e.g.
+            ``patch(model, stats=s, method="griffin", keep=0.4)``.
+        stats: a GlobalStats for this model (needed by "a-glass", "i-glass", "global"); it is
+            checked against the model (``stats.check_model``). ``"calibrate"`` computes them now
+            with ``glass_kernels.calibrate(model, tokenizer)``.
+        tokenizer: only for ``stats="calibrate"``.
+
+    Every supported FFN is replaced by a GlassFFN (shown by ``print(model)``); W_down (GPT-2:
+    c_fc, OPT: fc2) gets neuron-major storage with the original parameter as its transposed
+    view, so no weight is duplicated. Patching an already patched model raises RuntimeError:
+    ``unpatch`` first. ``unpatch(model)`` restores the original modules and weight layout.
+
+    Memory overhead (besides the weights, which are not copied): per layer, int32 global ranks
+    [D] (a-/i-glass/global) and fp32 ||W_down[:, i]|| [D] (i-glass); per prompt, fp32 local
+    statistics [B, D] and int32 neuron sets [B, k]. For SmolLM2-135M (30 layers, D = 1536, fp32
+    weights) at B = 1: 0.5 MiB, 0.1% of the 513 MiB model (``session(model).memory_overhead()``).
+    """
+    if isinstance(model, type) or not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module instance (not a class), got {model!r}")
+    if getattr(model, _ATTR, None) is not None:
+        raise RuntimeError(
+            "model is already patched by glass_kernels; call glass_kernels.unpatch(model) before "
+            "patching it again with another configuration"
+        )
+    if config is None:
+        config = GlassConfig()
+    elif not isinstance(config, GlassConfig):
+        raise TypeError(f"config must be a GlassConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    sites = find_ffn_sites(model)  # UnsupportedModelError if none
+
+    if isinstance(stats, str):
+        if stats != "calibrate":
+            raise ValueError(f"stats must be a GlobalStats, None or \"calibrate\", got {stats!r}")
+        if tokenizer is None:
+            raise ValueError("stats=\"calibrate\" needs tokenizer=...")
+        from ..calibrate import calibrate
+
+        stats = calibrate(model, tokenizer)
+    if config.method in NEEDS_GLOBAL:
+        if stats is None:
+            raise ValueError(_calibrate_hint(config.method))
+        stats.check_model(model)
+    elif stats is not None:
+        stats.check_model(model)
+
+    state = GlassState(model, sites, config, stats)
+    relaid = []
+    installed = []
+    try:
+        for site in sites:
+            relaid.append(site.handler.relayout(site.module))
+            glass = GlassFFN(site, state)
+            parent_name, attr = site.parent_and_attr
+            parent = model.get_submodule(parent_name) if parent_name else model
+            site.handler.install(parent, attr, site.module, glass)
+            installed.append((site, parent, attr, glass))
+    except Exception:
+        for site, parent, attr, glass in reversed(installed):
+            site.handler.uninstall(parent, attr, site.module, glass)
+        from .registry import restore_row_major
+
+        for ps in relaid:
+            for p in ps:
+                restore_row_major(p)
+        raise
+    hooks = [
+        model.register_forward_pre_hook(state.pre_hook, with_kwargs=True),
+        # always_call: the backend context opened by the pre-hook is closed even if forward raises.
+        model.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True),
+    ]
+    model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
+    logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original FFN modules and the original (row-major) weight layout."""
+    rec = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
+    if rec is None:
+        raise ValueError("model is not patched by glass_kernels")
+    from .registry import restore_row_major
+
+    for h in rec.hooks:
+        h.remove()
+    for site, parent, attr, glass in reversed(rec.sites):
+        site.handler.uninstall(parent, attr, site.module, glass)
+    for ps in rec.relaid:
+        for p in ps:
+            restore_row_major(p)
+    rec.state.reset()
+    del model.__dict__[_ATTR]
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, nn.Module) and model.__dict__.get(_ATTR) is not None
+
+
+def session(model: nn.Module) -> Session:
+    """The schedule handle of a patched model (see ``Session``)."""
+    rec = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
+    if rec is None:
+        raise ValueError("model is not patched by glass_kernels: call glass_kernels.patch(model) first")
+    return Session(rec.state)

@@ -1,0 +1,446 @@
+"""The GLASS schedule (method.md "Schedule"): dense prompt + local statistics, then sparse decode.
+
+The phase is read from what the patched model's forward really receives, through a forward
+pre-hook (with kwargs) on the top-level model instance:
+
+* cache empty / absent (``past_key_values`` None or ``get_seq_length() == 0``): a new sequence.
+  The FFNs run dense and accumulate each sequence's local statistic (``ops.neuron_stats``, padding
+  excluded through the current tokens' columns of the 2-D attention mask).
+* cache non-empty: before the first such forward, every sequence's neurons are selected
+  (``ops.select_neurons``); from then on every forward (any number of tokens) runs
+  ``sparse_ffn`` / ``sparse_mlp`` with them, until the next new sequence.
+* ``with session(model).prompt():`` marks forwards as prompt chunks: they keep accumulating even
+  with a non-empty cache (chunked prefill, or a further prompt turn after some decoding).
+
+Rows of a batch whose inputs (ids or embeddings, and mask) are identical in every prompt chunk
+share one neuron set: the beams / samples that ``generate()`` expands from one prompt get exactly
+the same set, so reordering the cache between beams cannot mismatch sets and caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import NEEDS_GLOBAL, NEEDS_LOCAL, GlassConfig
+from .registry import FFNSite
+
+logger = logging.getLogger("glass_kernels.patch")
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+
+
+def _ops():
+    from .. import ops  # lazy: the ops module loads the extension on first use
+
+    return ops
+
+
+def _cache_length(pkv) -> int:
+    if pkv is None:
+        return 0
+    if hasattr(pkv, "get_seq_length"):
+        # Python int for DynamicCache / StaticCache in transformers 5.x: no device sync.
+        return int(pkv.get_seq_length())
+    if isinstance(pkv, (tuple, list)):  # legacy tuple-of-tuples cache
+        if len(pkv) == 0 or pkv[0] is None or len(pkv[0]) == 0:
+            return 0
+        return int(pkv[0][0].shape[-2])
+    raise TypeError(f"unsupported past_key_values type {type(pkv).__name__}")
+
+
+class GlassState:
+    """Everything a patched model keeps between forwards (shared by all its GlassFFN modules).
+
+    Memory: per layer, fp32 down_norms [D] (i-glass) and int32 global ranks [D] (a-/i-glass);
+    per prompt, fp32 local statistics [B, D] and int32 neuron sets [B, k]. See
+    ``memory_overhead()``.
+    """
+
+    _INPUT_NAMES = ("input_ids", "attention_mask", "past_key_values", "inputs_embeds")
+
+    def __init__(self, model: nn.Module, sites: list[FFNSite], config: GlassConfig, stats) -> None:
+        self.config = config
+        self.sites = sites
+        self.n = len(sites)
+        self.k = [config.k_for(s.D) for s in sites]
+        self.impact = config.local_kind == "impact"
+        # The global ranks and down norms live with the weights (moved lazily if the model moves).
+        self.global_ranks: list[torch.Tensor] | None = None
+        if config.method in NEEDS_GLOBAL:
+            kind = "impact" if config.method == "i-glass" else "activation"
+            self.global_ranks = [r.to(torch.int32).contiguous() for r in stats.ranks(kind)]
+        self.down_norms: list[torch.Tensor] | None = None
+        if self.impact:
+            self.down_norms = [self._down_norm(s) for s in sites]
+        self._fixed: dict[int, torch.Tensor] = {}  # "global" / "random" sets per layer, [1, k]
+        self._identity_rank: dict[tuple, torch.Tensor] = {}
+        params = list(inspect.signature(model.forward).parameters)
+        self._pos = {n: params.index(n) for n in self._INPUT_NAMES if n in params}
+        self.prompt_depth = 0
+        self._backend_tokens: list = []
+        self.reset()
+
+    # -- per-sequence state -----------------------------------------------------------------
+    def reset(self) -> None:
+        self.phase = "idle"  # "idle" | "prompt" | "decode"
+        self.collect = False  # GlassFFN: accumulate local statistics in this forward
+        self.sparse = False  # GlassFFN: run the sparse op in this forward
+        self.batch = 0  # rows of the current forward
+        self.seq_batch = 0  # rows of the current sequence(s)
+        self.mask: torch.Tensor | None = None  # bool [B, T] of the current tokens, or None
+        self.local: list[torch.Tensor | None] = [None] * self.n
+        self.groups: torch.Tensor | None = None  # int64 [B]: rows with identical prompts
+        self.neurons: list[torch.Tensor] | None = None  # int32 [B or 1, k] per layer
+        self.forced = False
+        self._calls: list | None = None  # per layer (fn, operands, idx, activation)
+
+    def _down_norm(self, site: FFNSite) -> torch.Tensor:
+        w = site.handler.down_weight(site.module).detach()  # [d, D] logical
+        return torch.linalg.vector_norm(w.float(), dim=0).contiguous()
+
+    def start_sequence(self, batch: int) -> None:
+        self.reset()
+        self.phase = "prompt"
+        self.seq_batch = batch
+
+    # -- the pre-hook -----------------------------------------------------------------------
+    def _arg(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._pos.get(name)
+        if i is not None and i < len(args):
+            return args[i]
+        return None
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        ids = self._arg("input_ids", args, kwargs)
+        embeds = self._arg("inputs_embeds", args, kwargs)
+        x = ids if ids is not None else embeds
+        if x is None:
+            raise ValueError("glass_kernels: the patched forward got neither input_ids nor inputs_embeds")
+        B, T = int(x.shape[0]), int(x.shape[1])
+        cache_len = _cache_length(self._arg("past_key_values", args, kwargs))
+        if cache_len == 0 or self.prompt_depth > 0:
+            if cache_len == 0:
+                self.start_sequence(B)
+            elif self.phase == "idle":
+                # A prompt chunk on a cache filled before patching (or after reset()).
+                self.start_sequence(B)
+            else:
+                self._check_batch(B)
+                if self.phase == "decode":
+                    # A further prompt turn: keep the statistics, choose again afterwards.
+                    self.phase = "prompt"
+                    self.neurons = None
+                    self.forced = False
+                    self._calls = None
+            self.batch = B
+            self.mask = self._token_mask(self._arg("attention_mask", args, kwargs), B, T)
+            self._update_groups(ids, embeds, self.mask)
+            self.collect = True
+            self.sparse = False
+        else:
+            if self.phase != "decode":
+                self.select()
+            self._check_batch(B)
+            self.batch = B
+            self.collect = False
+            self.sparse = self._calls is not None
+        self._enter_backend()
+        return None
+
+    def post_hook(self, module, args, kwargs, output):
+        self._exit_backend()
+        return None
+
+    def _enter_backend(self) -> None:
+        if self.config.backend != "auto":
+            from ..backend import backend as _backend_cm  # the ops' contextvar
+
+            cm = _backend_cm(self.config.backend)
+            cm.__enter__()
+            self._backend_tokens.append(cm)
+
+    def _exit_backend(self) -> None:
+        if self._backend_tokens:
+            self._backend_tokens.pop().__exit__(None, None, None)
+
+    def _check_batch(self, B: int) -> None:
+        if self.seq_batch and B != self.seq_batch:
+            shared = self.neurons is not None and all(t.shape[0] == 1 for t in self.neurons)
+            if not shared:
+                raise RuntimeError(
+                    f"glass_kernels: this forward has batch {B} but the current sequences have batch "
+                    f"{self.seq_batch}; expand inputs before the prompt (as generate() does) or start a "
+                    "new sequence (empty cache)"
+                )
+
+    @staticmethod
+    def _token_mask(attention_mask, B: int, T: int) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() == 2:
+            if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(
+                    f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the "
+                    f"{B} x {T} input tokens"
+                )
+            # The 2-D mask covers cache + current tokens; the current tokens are its last T columns.
+            m = attention_mask[:, -T:] != 0
+            return m.contiguous()
+        _warn_once(
+            "mask4d",
+            "glass_kernels: a 4-D attention mask (compiled/static cache) cannot tell padding apart; "
+            "every prompt token counts in the local statistics. Use a 2-D mask with padded batches.",
+        )
+        return None
+
+    def _update_groups(self, ids, embeds, mask) -> None:
+        B = self.batch
+        if B == 1:
+            self.groups = torch.zeros(1, dtype=torch.long)
+            return
+        key = ids.reshape(B, -1) if ids is not None else embeds.detach().reshape(B, -1)
+        if mask is not None:
+            key = torch.cat([key, mask.to(key.dtype)], dim=1)
+        cur = torch.unique(key, dim=0, return_inverse=True)[1].cpu()
+        if self.groups is not None and self.groups.numel() == B:
+            cur = torch.unique(torch.stack([self.groups, cur], 1), dim=0, return_inverse=True)[1]
+        self.groups = cur
+
+    # -- statistics ---------------------------------------------------------------------------
+    def accumulate(self, layer: int, h: torch.Tensor) -> None:
+        D = h.shape[-1]
+        h3 = h.reshape(self.batch, -1, D)
+        out = self.local[layer]
+        if out is None:
+            out = torch.zeros(self.batch, D, dtype=torch.float32, device=h.device)
+            self.local[layer] = out
+        norms = None
+        if self.impact:
+            norms = self.down_norms[layer]
+            if norms.device != h.device:
+                norms = self.down_norms[layer] = norms.to(h.device)
+        mask = self.mask
+        if mask is not None and mask.device != h.device:
+            mask = mask.to(h.device)
+        _ops().neuron_stats(h3, down_norms=norms, mask=mask, out=out)
+
+    # -- selection ----------------------------------------------------------------------------
+    def _fixed_set(self, layer: int, device: torch.device) -> torch.Tensor:
+        s = self._fixed.get(layer)
+        if s is None:
+            site, k = self.sites[layer], self.k[layer]
+            if self.config.method == "random":
+                g = torch.Generator().manual_seed(self.config.seed + layer)
+                s = torch.randperm(site.D, generator=g)[:k].sort().values.to(torch.int32)
+            else:  # "global": lam = 1, local scores irrelevant (all equal)
+                zeros = torch.zeros(1, site.D, dtype=torch.float32)
+                s = _ops().select_neurons(zeros, self.global_ranks[layer].cpu(), 1.0, k)
+            self._fixed[layer] = s = s.reshape(1, k).contiguous()
+        return s.to(device)
+
+    def _rank_for(self, layer: int, device) -> torch.Tensor:
+        if self.global_ranks is not None:
+            r = self.global_ranks[layer]
+            if r.device != device:
+                r = self.global_ranks[layer] = r.to(device)
+            return r
+        # griffin: lam = 0, the global rank has weight 0; any permutation gives the same result.
+        key = (self.sites[layer].D, str(device))
+        r = self._identity_rank.get(key)
+        if r is None:
+            r = self._identity_rank[key] = torch.arange(1, key[0] + 1, dtype=torch.int32, device=device)
+        return r
+
+    def select(self) -> None:
+        """Fix each sequence's neurons (once per prompt) and prepare the decode calls."""
+        method = self.config.method
+        if self.forced:
+            pass
+        elif method == "dense":
+            self.neurons = None
+        elif method in ("global", "random"):
+            self.neurons = [self._fixed_set(l, self._device(l)) for l in range(self.n)]
+        else:
+            if self.phase == "idle" or any(t is None for t in self.local):
+                raise RuntimeError(
+                    f"glass_kernels: method {method!r} needs the prompt's statistics, but no prompt "
+                    "went through the patched model for the current sequence (its KV cache was filled "
+                    "elsewhere). Run the prompt through the patched model, or force the sets with "
+                    "glass_kernels.session(model).set_neurons(...)."
+                )
+            groups = self.groups
+            reps = None
+            if groups is not None and groups.numel() > 1:
+                G = int(groups.max()) + 1
+                if G < groups.numel():
+                    # the first row of each group represents it
+                    first = torch.full((G,), groups.numel(), dtype=torch.long)
+                    first.scatter_reduce_(0, groups, torch.arange(groups.numel()), reduce="amin")
+                    reps = first
+            lam = self.config.effective_lam
+            out = []
+            for l in range(self.n):
+                local = self.local[l]
+                dev = local.device
+                if reps is not None:
+                    local = local.index_select(0, reps.to(dev))
+                idx = _ops().select_neurons(local, self._rank_for(l, dev), lam, self.k[l])
+                if reps is not None:
+                    idx = idx.index_select(0, groups.to(dev))
+                out.append(idx.to(torch.int32).contiguous())
+            self.neurons = out
+        self.phase = "decode"
+        self._prepare()
+
+    def _device(self, layer: int) -> torch.device:
+        return self.sites[layer].handler.in_weight(self.sites[layer].module).device
+
+    def _prepare(self) -> None:
+        """Validate every layer's operands once; the decode path then calls the unchecked op."""
+        if self.neurons is None:
+            self._calls = None
+            return
+        ops = _ops()
+        calls = []
+        for l, site in enumerate(self.sites):
+            h = site.handler
+            operands = tuple(h.weights(site.module))
+            idx = self.neurons[l]
+            if idx.shape[0] == 1:
+                idx = idx[0]  # one set shared by every row (any batch size)
+            idx = idx.to(operands[0].device).contiguous()
+            if h.kind == "gated":
+                ops.validate_sparse_ffn_operands(*operands, idx, h.activation)
+                fn = ops.sparse_ffn_prevalidated
+            else:
+                ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
+                fn = ops.sparse_mlp_prevalidated
+            calls.append((fn, operands, idx, h.activation))
+        self._calls = calls
+
+    def sparse_forward(self, layer: int, x: torch.Tensor, flattens: bool) -> torch.Tensor:
+        fn, operands, idx, act = self._calls[layer]
+        if flattens:  # OPT hands the FFN [B*T, d]
+            y = fn(x.view(self.batch, -1, x.shape[-1]), *operands, idx, act)
+            return y.view(x.shape)
+        return fn(x, *operands, idx, act)
+
+    # -- explicit sets --------------------------------------------------------------------------
+    def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
+        if len(sets) != self.n:
+            raise ValueError(f"sets must have one tensor per FFN layer ({self.n}), got {len(sets)}")
+        out = []
+        for l, s in enumerate(sets):
+            if not isinstance(s, torch.Tensor) or s.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"sets[{l}] must be an int32/int64 tensor [B, k] or [k]")
+            if s.dim() == 1:
+                s = s.unsqueeze(0)
+            if s.dim() != 2 or s.shape[1] < 1:
+                raise ValueError(f"sets[{l}] must have shape [B, k] or [k] with k >= 1, got {tuple(s.shape)}")
+            D = self.sites[l].D
+            if s.numel() and (int(s.min()) < 0 or int(s.max()) >= D):
+                raise IndexError(f"sets[{l}] has indices outside [0, {D})")
+            if self.seq_batch and s.shape[0] not in (1, self.seq_batch):
+                raise ValueError(
+                    f"sets[{l}] has {s.shape[0]} rows but the current sequences have batch {self.seq_batch}"
+                )
+            out.append(s.to(device=self._device(l), dtype=torch.int32).contiguous())
+        self.neurons = out
+        self.forced = True
+        if not self.seq_batch:
+            self.seq_batch = out[0].shape[0]
+        self.phase = "decode"
+        self._prepare()
+
+    def memory_overhead(self) -> dict[str, int]:
+        """Bytes held by the patch layer now: per-layer buffers and per-sequence state."""
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        out = {
+            "global_ranks": nbytes(self.global_ranks or []),
+            "down_norms": nbytes(self.down_norms or []),
+            "fixed_sets": nbytes(self._fixed.values()),
+            "local_stats": nbytes(self.local),
+            "neuron_sets": nbytes(self.neurons or []),
+        }
+        out["total"] = sum(out.values())
+        return out
+
+
+class Session:
+    """Handle on a patched model's schedule: ``glass_kernels.session(model)``.
+
+    ``prompt()``: context manager; forwards inside it are prompt chunks (dense, accumulate the
+    local statistics) even with a non-empty cache. ``reset()``: forget the current sequence.
+    ``local_stats()``: per layer fp32 [B, D], the accumulated sum over prompt tokens of
+    (h_i / ||h||)^2 (times ||W_down[:, i]||^2 for i-glass) -- the square of method.md's L_i.
+    ``neurons()``: per layer int32 [B, k] (selecting now if the prompt is complete but no decode
+    forward has run yet). ``set_neurons(sets)``: force explicit per-layer sets ([B, k] or [k]) for
+    the current sequence; the next new sequence (empty cache) starts over. ``phase``: "idle",
+    "prompt" or "decode".
+    """
+
+    def __init__(self, state: GlassState) -> None:
+        self._state = state
+
+    @property
+    def phase(self) -> str:
+        return self._state.phase
+
+    @property
+    def config(self) -> GlassConfig:
+        return self._state.config
+
+    @property
+    def k(self) -> list[int]:
+        return list(self._state.k)
+
+    @contextlib.contextmanager
+    def prompt(self):
+        st = self._state
+        st.prompt_depth += 1
+        try:
+            yield self
+        finally:
+            st.prompt_depth -= 1
+
+    def reset(self) -> None:
+        self._state.reset()
+
+    def local_stats(self) -> list[torch.Tensor]:
+        st = self._state
+        if st.phase == "idle" or any(t is None for t in st.local):
+            raise RuntimeError("no prompt has gone through the patched model yet")
+        return [t.clone() for t in st.local]
+
+    def neurons(self) -> list[torch.Tensor]:
+        st = self._state
+        if st.phase == "prompt":
+            st.select()
+        if st.neurons is None:
+            raise RuntimeError(
+                "no neuron sets: " + ("method 'dense' selects none" if st.config.method == "dense"
+                                      else "no prompt has gone through the patched model yet")
+            )
+        return [t.clone() for t in st.neurons]
+
+    def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
+        self._state.set_neurons(sets)
+
+    def memory_overhead(self) -> dict[str, int]:
+        return self._state.memory_overhead()
