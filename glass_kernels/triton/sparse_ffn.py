@@ -1,0 +1,258 @@
+"""Gathered sparse FFN in Triton: y[b, t] = sum_{i in idx_b} h_i(x[b, t]) * W_out_t[i].
+
+Gated (``sparse_ffn``):     h_i = act(W_gate[i] . x) * (W_up[i] . x)
+Non-gated (``sparse_mlp``): h_i = act(W_in[i] . x + b_in[i]),   y += b_out
+
+All weights are neuron-major [D, d] (docs/architecture.md), so every selected neuron is three
+contiguous rows: the kernel gathers them in place, no compacted copy.
+
+Design (batch-1 decode is HBM-bound: every selected weight byte is read exactly once):
+- grid = (split, b, token tile). Program ``s`` owns the selected neurons
+  [s * npp, (s + 1) * npp) of sequence ``b`` and loops over them in BLOCK_K blocks; for each block
+  it computes the gate/up dot products over d in BLOCK_D chunks (fp32 accumulation), the
+  activation in fp32, then the down contribution sum_i h_i * W_out_t[i, :] for all tokens of its
+  tile, so each weight tile is loaded once for all the tokens of the tile.
+- Reduction across programs is DETERMINISTIC: program ``s`` writes its own fp32 partial row
+  part[s, b, t, :] (the first block stores, later blocks read-add-write the row they own), and a
+  second kernel sums the ``split`` rows in a fixed order, adds b_out and casts to the output dtype.
+  Why not fp32 atomics into a zeroed buffer: atomics need a memset launch and a cast launch (three
+  launches against two here), give run-to-run differences (the dense-vs-sparse KL evaluation and
+  CUDA-graph replays should be bit-reproducible), and make the kernel non-idempotent, which the
+  autotuner's repeated benchmark runs would corrupt. bf16/fp16 never touch atomics either way.
+  The cost is the partial rows: split * B * T * d * 4 bytes written and read once; ``split`` is
+  chosen so that the grid is about 4 programs per SM, e.g. 224 rows * 16 KiB = 3.5 MiB at
+  (4096, 14336) keep 1.0 against 336 MiB of bf16 weights (about 2% more traffic).
+- Dot products: elementwise multiply + tl.sum in fp32 for small token tiles (decode T = 1, or a
+  few speculative tokens); tl.dot for tiles of 16 tokens (teacher-forced continuations). Under the
+  interpreter, and for fp32 weights, tl.dot runs on fp32 operands with input_precision="ieee":
+  the interpreter's bf16 dot is wrong (triton-lang/triton#11584) and tf32 would lose 10 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from glass_kernels.triton._utils import activation_code, bucket, cdiv, interpreting, launch, target_programs
+
+# Partial rows beyond this many bytes make the split coarser (only reachable for long T or big B,
+# never at decode): the buffer is allocated per call.
+_MAX_PARTIAL_BYTES = 256 << 20
+# Largest [BLOCK_T, BLOCK_K, BLOCK_D] fp32 product the broadcast path may hold per program:
+# 16 K elements over 128-256 threads is 64-128 registers each, past that it spills.
+_MAX_BCAST_ELEMS = 16384
+
+
+@triton.jit
+def _activation(g, ACT: tl.constexpr):
+    # fp32 in, fp32 out; codes as glass_activation in glass.h.
+    if ACT == 0:  # silu
+        h = g * tl.sigmoid(g)
+    elif ACT == 1:  # gelu_tanh: 0.5 g (1 + tanh(z)) == g * sigmoid(2 z), no cancellation near 0
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        h = g * tl.sigmoid(2.0 * z)
+    elif ACT == 2:  # gelu, exact erf form
+        h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:  # relu
+        h = tl.maximum(g, 0.0)
+    return h
+
+
+@triton.jit
+def _sparse_ffn_kernel(
+    x_ptr, w1_ptr, w3_ptr, wo_ptr, b1_ptr, idx_ptr, part_ptr,
+    B, T, d, k, idx_stride_b, npp,
+    D_BUCKET, K_BUCKET,  # autotune keys only
+    GATED: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_t = tl.program_id(2)
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    x_rows = (b * T + offs_t).to(tl.int64) * d
+    p_rows = ((pid_s * B + b) * T + offs_t).to(tl.int64) * d
+    arange_k = tl.arange(0, BLOCK_K)
+    arange_d = tl.arange(0, BLOCK_D)
+
+    for j in range(0, npp, BLOCK_K):
+        offs_k = pid_s * npp + j + arange_k
+        mask_k = offs_k < k
+        # int64 row offsets: D * d can pass 2**31 elements on large models.
+        ridx = tl.load(idx_ptr + b * idx_stride_b + offs_k, mask=mask_k, other=0).to(tl.int64)
+        rows = ridx * d
+
+        acc1 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + arange_d
+            mask_d = offs_d < d
+            xt = tl.load(x_ptr + x_rows[:, None] + offs_d[None, :],
+                         mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            w_off = rows[:, None] + offs_d[None, :]
+            w_mask = mask_k[:, None] & mask_d[None, :]
+            w1 = tl.load(w1_ptr + w_off, mask=w_mask, other=0.0)
+            if USE_DOT:
+                if DOT_F32:
+                    acc1 = tl.dot(xt.to(tl.float32), tl.trans(w1.to(tl.float32)), acc1,
+                                  input_precision="ieee")
+                else:
+                    acc1 = tl.dot(xt, tl.trans(w1), acc1)
+            else:
+                acc1 += tl.sum(xt.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+            if GATED:
+                w3 = tl.load(w3_ptr + w_off, mask=w_mask, other=0.0)
+                if USE_DOT:
+                    if DOT_F32:
+                        acc3 = tl.dot(xt.to(tl.float32), tl.trans(w3.to(tl.float32)), acc3,
+                                      input_precision="ieee")
+                    else:
+                        acc3 = tl.dot(xt, tl.trans(w3), acc3)
+                else:
+                    acc3 += tl.sum(xt.to(tl.float32)[:, None, :] * w3.to(tl.float32)[None, :, :], axis=2)
+
+        if HAS_B1:
+            b1 = tl.load(b1_ptr + ridx, mask=mask_k, other=0.0).to(tl.float32)
+            acc1 += b1[None, :]
+        h = _activation(acc1, ACT)
+        if GATED:
+            h = h * acc3
+        # Padding neurons/tokens must contribute exactly 0 (act(b_in[0]) is not 0 for gelu).
+        h = tl.where(mask_t[:, None] & mask_k[None, :], h, 0.0)
+
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + arange_d
+            mask_d = offs_d < d
+            wo = tl.load(wo_ptr + rows[:, None] + offs_d[None, :],
+                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            if USE_DOT:
+                y = tl.dot(h, wo, input_precision="ieee")
+            else:
+                y = tl.sum(h[:, :, None] * wo[None, :, :], axis=1)
+            p_off = p_rows[:, None] + offs_d[None, :]
+            p_mask = mask_t[:, None] & mask_d[None, :]
+            if j > 0:  # this program owns the row: read-add-write, no atomics, fixed order
+                y += tl.load(part_ptr + p_off, mask=p_mask, other=0.0)
+            tl.store(part_ptr + p_off, y, mask=p_mask)
+
+
+@triton.jit
+def _sparse_ffn_reduce_kernel(
+    part_ptr, bo_ptr, y_ptr, n_rows, d, n_split,
+    HAS_BO: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_split):
+        acc += tl.load(part_ptr + (s * n_rows + row).to(tl.int64) * d + offs_d, mask=mask_d, other=0.0)
+    if HAS_BO:
+        acc += tl.load(bo_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * d + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    npp = named_args["npp"]
+    block_t = kwargs.get("BLOCK_T", named_args.get("BLOCK_T", 1))
+    use_dot = kwargs.get("USE_DOT", named_args.get("USE_DOT", False))
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] <= npp
+            and (use_dot or block_t * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_D"] <= _MAX_BCAST_ELEMS)]
+    # npp >= 16 always, and every list below has a (16, <= 256) config, so kept is never empty.
+    return kept or configs[:1]
+
+
+_BCAST_CONFIGS = [
+    triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
+    for bk in (16, 32, 64) for bd in (128, 256, 512) for w in (4, 8)
+]
+_DOT_CONFIGS = [
+    triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=4, num_stages=s)
+    for bk in (16, 32, 64) for bd in (64, 128) for s in (2, 3)
+]
+# Keys: d and the D / k buckets (explicit and stable, the issue's contract), npp (sets how many
+# neurons one program walks), the token tile; the Autotuner adds every tensor's dtype by itself.
+_KEY = ["d", "D_BUCKET", "K_BUCKET", "npp", "BLOCK_T", "GATED"]
+_tuned_bcast = triton.autotune(_BCAST_CONFIGS, key=_KEY,
+                               prune_configs_by={"early_config_prune": _prune_configs})(_sparse_ffn_kernel)
+_tuned_dot = triton.autotune(_DOT_CONFIGS, key=_KEY,
+                             prune_configs_by={"early_config_prune": _prune_configs})(_sparse_ffn_kernel)
+
+# Fixed configuration under the interpreter: small tiles so that odd d (e.g. 37) spans several
+# masked chunks, and no autotuning (each interpreted launch costs hundreds of ms).
+_INTERP_BLOCK_K = 16
+_INTERP_BLOCK_D = 32
+_REDUCE_BLOCK_D = 1024
+
+
+def _plan(B: int, T: int, d: int, k: int, device: torch.device) -> dict:
+    """Tile sizes and split of a launch (pure function of the shapes; tests check both paths)."""
+    block_t = 1 if T == 1 else min(16, triton.next_power_of_2(T))
+    n_t = cdiv(T, block_t)
+    interp = interpreting() or device.type != "cuda"
+    min_npp = _INTERP_BLOCK_K if interp else 16
+    target = 2 if interp else target_programs(device)
+    # neurons per program: the largest power of two leaving >= target programs, at least one block
+    npp = min_npp
+    while cdiv(k, npp * 2) * B * n_t >= target and npp * 2 <= triton.next_power_of_2(k):
+        npp *= 2
+    while cdiv(k, npp) * B * T * d * 4 > _MAX_PARTIAL_BYTES and npp < k:
+        npp *= 2
+    return {"BLOCK_T": block_t, "n_t": n_t, "npp": npp, "n_split": cdiv(k, npp),
+            "USE_DOT": block_t >= 16, "interp": interp}
+
+
+def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
+    act = activation_code(activation)
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(0) if squeeze else x
+    B, T, d = x3.shape
+    D = w1.shape[0]
+    k = idx.shape[-1]
+    idx_stride_b = k if idx.dim() == 2 else 0
+    x3 = x3.contiguous()
+    y = torch.empty_like(x3)
+    if B * T == 0:
+        return y.squeeze(0) if squeeze else y
+    p = _plan(B, T, d, k, x.device)
+    n_split = p["n_split"]
+    part = torch.empty((n_split, B, T, d), device=x.device, dtype=torch.float32)
+    dummy = x3  # never read: HAS_B1 / HAS_BO are constexpr False
+    args = (x3, w1, w3 if gated else w1, wo, b1 if b1 is not None else dummy, idx, part,
+            B, T, d, k, idx_stride_b, p["npp"], bucket(D), bucket(k))
+    meta = dict(GATED=gated, HAS_B1=b1 is not None, ACT=act, BLOCK_T=p["BLOCK_T"],
+                USE_DOT=p["USE_DOT"], DOT_F32=p["interp"] or x.dtype == torch.float32)
+    grid_main = (n_split, B, p["n_t"])
+    if p["interp"]:
+        launch(_sparse_ffn_kernel)[grid_main](*args, **meta, BLOCK_K=_INTERP_BLOCK_K,
+                                              BLOCK_D=_INTERP_BLOCK_D)
+        reduce_block = 64
+    else:
+        kernel = _tuned_dot if p["USE_DOT"] else _tuned_bcast
+        launch(kernel)[grid_main](*args, **meta)
+        reduce_block = _REDUCE_BLOCK_D
+    launch(_sparse_ffn_reduce_kernel)[(B * T, cdiv(d, reduce_block))](
+        part, bo if bo is not None else dummy, y, B * T, d, n_split,
+        HAS_BO=bo is not None, BLOCK_D=reduce_block)
+    return y.squeeze(0) if squeeze else y
+
+
+def sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+               idx: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Gated sparse FFN over the neurons ``idx`` ([k] shared or [B, k] per sequence).
+
+    x [B, T, d] or [T, d]; weights [D, d] neuron-major; inputs already validated by ops.py.
+    Returns y with x's shape and dtype, accumulated in fp32.
+    """
+    return _sparse_launch(x, w_gate, w_up, w_down_t, None, None, idx, activation, gated=True)
+
+
+def sparse_mlp(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+               b_out: torch.Tensor | None, idx: torch.Tensor, activation: str = "gelu") -> torch.Tensor:
+    """Non-gated sparse MLP: y = sum_{i in idx} act(W_in[i] . x + b_in[i]) * W_out_t[i] + b_out."""
+    return _sparse_launch(x, w_in, None, w_out_t, b_in, b_out, idx, activation, gated=False)
