@@ -1,0 +1,119 @@
+/*
+ * glass_kernels C ABI: sparse-FFN decoding kernels for GLASS (arXiv 2508.14302).
+ *
+ * This is the only header a vendoring inference stack needs. The core is torch-free C++17
+ * (OpenMP only); every function validates its arguments and returns a glass_status. On error
+ * glass_last_error() returns a thread-local message naming the argument.
+ *
+ * Layout (neuron-major): neuron i owns row i of every weight matrix, all contiguous [D, d]:
+ * gated: W_gate, W_up, W_down_t (= W_down^T); non-gated: W_in (+ b_in[i]), W_out_t (= W_out^T).
+ * Activations x / y / h and biases have the weights' dtype; accumulation is fp32.
+ */
+#ifndef GLASS_GLASS_H
+#define GLASS_GLASS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define GLASS_API __declspec(dllexport)
+#else
+#define GLASS_API __attribute__((visibility("default")))
+#endif
+
+typedef enum { GLASS_F32 = 0, GLASS_F16 = 1, GLASS_BF16 = 2 } glass_dtype;
+
+typedef enum {
+  GLASS_ACT_SILU = 0,      /* x * sigmoid(x) */
+  GLASS_ACT_GELU_TANH = 1, /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+  GLASS_ACT_GELU = 2,      /* exact: 0.5 x (1 + erf(x / sqrt(2))) */
+  GLASS_ACT_RELU = 3
+} glass_activation;
+
+typedef enum {
+  GLASS_ISA_AUTO = 0, /* the best path the CPU supports (also what GLASS_ISA=auto selects) */
+  GLASS_ISA_SCALAR = 1,
+  GLASS_ISA_AVX2 = 2,   /* AVX2 + FMA + F16C */
+  GLASS_ISA_AVX512 = 3, /* AVX-512 F/BW/VL/DQ (+ BF16 when compiled with it) */
+  GLASS_ISA_NEON = 4
+} glass_isa;
+
+typedef enum {
+  GLASS_OK = 0,
+  GLASS_ERR_NULL = 1,        /* a required pointer is NULL */
+  GLASS_ERR_SIZE = 2,        /* a size is <= 0 (or k outside [1, D]) or the product overflows */
+  GLASS_ERR_INDEX = 3,       /* an index (idx, global_rank) is out of range */
+  GLASS_ERR_ARG = 4,         /* an enum or scalar argument is invalid (dtype, activation, lambda) */
+  GLASS_ERR_UNSUPPORTED = 5, /* the ISA is not compiled in or not supported by this CPU */
+  GLASS_ERR_INTERNAL = 6     /* allocation failure or another internal error */
+} glass_status;
+
+/* Thread-local message of the last error in this thread ("" if none). */
+GLASS_API const char* glass_last_error(void);
+
+/*
+ * Gated sparse FFN: y[b,t] = sum_{i in idx_b} act(W_gate[i].x[b,t]) * (W_up[i].x[b,t]) * W_down_t[i]
+ * x [B,T,d], y [B,T,d] (y may not alias x); idx int32 [k] shared by all sequences
+ * (idx_batched = 0) or [B,k] (idx_batched != 0). Every index must be in [0, D); duplicates
+ * count once per occurrence. y is overwritten (cast from fp32, round to nearest even).
+ */
+GLASS_API glass_status glass_sparse_ffn(glass_dtype dtype, glass_activation act, const void* x,
+                                        int64_t B, int64_t T, int64_t d, const void* w_gate,
+                                        const void* w_up, const void* w_down_t, int64_t D,
+                                        const int32_t* idx, int64_t k, int idx_batched, void* y);
+
+/*
+ * Non-gated sparse MLP: y[b,t] = sum_{i in idx_b} act(W_in[i].x[b,t] + b_in[i]) * W_out_t[i] + b_out
+ * b_in [D] and b_out [d] (model dtype) may be NULL (treated as zero).
+ */
+GLASS_API glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act, const void* x,
+                                        int64_t B, int64_t T, int64_t d, const void* w_in,
+                                        const void* b_in, const void* w_out_t, const void* b_out,
+                                        int64_t D, const int32_t* idx, int64_t k, int idx_batched,
+                                        void* y);
+
+/*
+ * Neuron statistics (GRIFFIN's, method.md), ADDED into out fp32 [B, D]:
+ * for each token t of sequence b with mask[b,t] != 0 (or mask == NULL): v = h[b,t,:]
+ * (times down_norms elementwise when down_norms != NULL: the impact form), n = ||v||_2 in fp32;
+ * if n > 0: out[b,i] += (v_i / n)^2. h [B,T,D] has the model dtype; down_norms fp32 [D];
+ * mask uint8 [B,T].
+ */
+GLASS_API glass_status glass_neuron_stats(glass_dtype dtype, const void* h, int64_t B, int64_t T,
+                                          int64_t D, const float* down_norms, const uint8_t* mask,
+                                          float* out);
+
+/*
+ * Rank aggregation + top-k. local fp32 [B, D] (finite; NaN/Inf is GLASS_ERR_ARG), global_rank
+ * int32 [D] with values in [1, D] (1 = most important), lam in [0, 1], k in [1, D].
+ * r^L = rank of local[b] by descending score, ties -> lower index (1..D);
+ * a(i) = lam * r^G(i) + (1 - lam) * r^L(i) in double, evaluated in that order without FMA;
+ * the k smallest a(i) are kept, ties -> smaller r^L, then lower index.
+ * out int32 [B, k]: each row sorted ascending.
+ */
+GLASS_API glass_status glass_select_neurons(const float* local, int64_t B, int64_t D,
+                                            const int32_t* global_rank, double lam, int64_t k,
+                                            int32_t* out);
+
+/* ISA control. glass_set_isa(GLASS_ISA_AUTO) restores the best supported path. */
+GLASS_API glass_status glass_set_isa(glass_isa isa);
+GLASS_API glass_isa glass_get_isa(void);
+/* 1 if the path is compiled in AND supported by this CPU (and OS), else 0. */
+GLASS_API int glass_isa_supported(glass_isa isa);
+/* "auto" | "scalar" | "avx2" | "avx512" | "neon" (or "unknown"). */
+GLASS_API const char* glass_isa_name(glass_isa isa);
+/* Name of the kernel the current ISA runs for (dtype, op), e.g. "bf16_sparse_ffn__avx2". */
+GLASS_API const char* glass_kernel_name(glass_dtype dtype, int gated);
+
+/* Threads used by the kernels (n <= 0: the OpenMP default, i.e. all cores). */
+GLASS_API void glass_set_num_threads(int n);
+GLASS_API int glass_get_num_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GLASS_GLASS_H */

@@ -1,0 +1,349 @@
+// The C ABI: argument validation, ISA dispatch, thread count, workspace, error messages.
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "internal.h"
+#include "parallel.h"
+
+namespace glass {
+
+namespace {
+thread_local char g_error[512] = "";
+std::atomic<int> g_threads{0};  // 0: OpenMP default
+
+const FfnTable* table_for(glass_isa isa) {
+  switch (isa) {
+    case GLASS_ISA_SCALAR: return &scalar::kTable;
+#if defined(GLASS_HAVE_AVX2)
+    case GLASS_ISA_AVX2: return &avx2::kTable;
+#endif
+#if defined(GLASS_HAVE_AVX512)
+    case GLASS_ISA_AVX512: return &avx512::kTable;
+#endif
+#if defined(GLASS_HAVE_NEON)
+    case GLASS_ISA_NEON: return &neon::kTable;
+#endif
+    default: return nullptr;
+  }
+}
+
+bool supported(glass_isa isa) {
+  switch (isa) {
+    case GLASS_ISA_AUTO:
+    case GLASS_ISA_SCALAR: return true;
+#if defined(GLASS_HAVE_AVX2)
+    case GLASS_ISA_AVX2: return cpu_has_avx2();
+#endif
+#if defined(GLASS_HAVE_AVX512)
+    case GLASS_ISA_AVX512: return cpu_has_avx512();
+#endif
+#if defined(GLASS_HAVE_NEON)
+    case GLASS_ISA_NEON: return cpu_has_neon();
+#endif
+    default: return false;
+  }
+}
+
+glass_isa best_isa() {
+  if (supported(GLASS_ISA_AVX512)) return GLASS_ISA_AVX512;
+  if (supported(GLASS_ISA_AVX2)) return GLASS_ISA_AVX2;
+  if (supported(GLASS_ISA_NEON)) return GLASS_ISA_NEON;
+  return GLASS_ISA_SCALAR;
+}
+
+// The initial ISA: GLASS_ISA from the environment if set and usable, else the best one. An unknown
+// or unsupported request falls back to the best path (a library must not abort its host); the
+// reason is kept in the error slot of the loading thread.
+glass_isa initial_isa() {
+  const char* env = std::getenv("GLASS_ISA");
+  if (!env || !*env || std::strcmp(env, "auto") == 0) return best_isa();
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON; ++i) {
+    glass_isa isa = static_cast<glass_isa>(i);
+    if (std::strcmp(env, glass_isa_name(isa)) == 0) {
+      if (supported(isa)) return isa;
+      set_error("GLASS_ISA=%s is not compiled in or not supported by this CPU; using %s", env,
+                glass_isa_name(best_isa()));
+      return best_isa();
+    }
+  }
+  set_error("GLASS_ISA=%s is unknown (scalar|avx2|avx512|neon|auto); using %s", env,
+            glass_isa_name(best_isa()));
+  return best_isa();
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{static_cast<int>(initial_isa())};
+  return isa;
+}
+
+// Per calling thread workspace (x in fp32 + per-thread accumulators), grown on demand and kept:
+// a decode step must not allocate.
+struct Workspace {
+  std::vector<float> buf;
+  float* get(size_t n) {
+    if (buf.size() < n + 16) buf.resize(n + 16);
+    uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<float*>((p + 63) & ~static_cast<uintptr_t>(63));
+  }
+};
+thread_local Workspace g_ws;
+
+bool mul_ok(int64_t a, int64_t b, int64_t* r) {
+  if (a > 0 && b > (INT64_MAX / a)) return false;
+  *r = a * b;
+  return true;
+}
+
+const char* dtype_ok(glass_dtype dt) {
+  return (dt == GLASS_F32 || dt == GLASS_F16 || dt == GLASS_BF16) ? nullptr : "dtype";
+}
+
+glass_status check_idx(const char* what, const int32_t* idx, int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] < 0 || idx[i] >= D) {
+      set_error("%s: idx[%lld] = %d is out of range [0, D = %lld)", what, static_cast<long long>(i), idx[i],
+                static_cast<long long>(D));
+      return GLASS_ERR_INDEX;
+    }
+  }
+  return GLASS_OK;
+}
+
+glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
+  g_error[0] = '\0';
+  if (dtype_ok(dtype)) {
+    set_error("%s: dtype = %d is not a glass_dtype", what, static_cast<int>(dtype));
+    return GLASS_ERR_ARG;
+  }
+  if (a.act < GLASS_ACT_SILU || a.act > GLASS_ACT_RELU) {
+    set_error("%s: activation = %d is not a glass_activation", what, static_cast<int>(a.act));
+    return GLASS_ERR_ARG;
+  }
+  struct { int64_t v; const char* n; } sizes[] = {{a.B, "B"}, {a.T, "T"}, {a.d, "d"}, {a.D, "D"},
+                                                  {a.k, "k"}};
+  for (auto& s : sizes)
+    if (s.v <= 0) {
+      set_error("%s: %s = %lld must be > 0", what, s.n, static_cast<long long>(s.v));
+      return GLASS_ERR_SIZE;
+    }
+  int64_t bt, btd, dd, bk;
+  if (!mul_ok(a.B, a.T, &bt) || !mul_ok(bt, a.d, &btd) || !mul_ok(a.D, a.d, &dd) ||
+      !mul_ok(a.B, a.k, &bk)) {
+    set_error("%s: sizes overflow int64", what);
+    return GLASS_ERR_SIZE;
+  }
+  glass_status st = check_idx(what, a.idx, a.idx_batched ? bk : a.k, a.D);
+  if (st != GLASS_OK) return st;
+  const FfnTable* tab = table_for(static_cast<glass_isa>(current_isa().load()));
+  if (!tab) {
+    set_error("%s: internal: no kernel table for the current ISA", what);
+    return GLASS_ERR_INTERNAL;
+  }
+  int nt = num_threads();
+  // One index set shared by B sequences: all B*T tokens go through each row together.
+  const int64_t rows = a.idx_batched ? a.T : bt;
+  const int64_t stride = ((rows * a.d + 15) / 16) * 16;
+  if (a.k < nt) nt = static_cast<int>(a.k);  // at least one neuron per thread
+  if (nt < 1) nt = 1;
+  a.nthreads = nt;
+  try {
+    const int64_t xn = ((btd + 15) / 16) * 16;
+    float* ws = g_ws.get(static_cast<size_t>(xn + stride * nt));
+    a.xf = ws;
+    a.acc = ws + xn;
+    a.acc_stride = stride;
+  } catch (const std::bad_alloc&) {
+    set_error("%s: cannot allocate the workspace", what);
+    return GLASS_ERR_INTERNAL;
+  }
+  tab->ffn[dtype](a);
+  return GLASS_OK;
+}
+
+}  // namespace
+
+int num_threads() {
+  int n = g_threads.load();
+#ifdef _OPENMP
+  if (n <= 0) n = omp_get_max_threads();
+#endif
+  return n > 0 ? n : 1;
+}
+
+void set_error(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+}
+
+}  // namespace glass
+
+using namespace glass;
+
+#define GLASS_REQUIRE_PTR(p, what)                              \
+  do {                                                          \
+    if (!(p)) {                                                 \
+      set_error("%s: %s is NULL", what, #p);                    \
+      return GLASS_ERR_NULL;                                    \
+    }                                                           \
+  } while (0)
+
+extern "C" {
+
+const char* glass_last_error(void) { return g_error; }
+
+glass_status glass_sparse_ffn(glass_dtype dtype, glass_activation act, const void* x, int64_t B,
+                              int64_t T, int64_t d, const void* w_gate, const void* w_up,
+                              const void* w_down_t, int64_t D, const int32_t* idx, int64_t k,
+                              int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, "sparse_ffn");
+  GLASS_REQUIRE_PTR(w_gate, "sparse_ffn");
+  GLASS_REQUIRE_PTR(w_up, "sparse_ffn");
+  GLASS_REQUIRE_PTR(w_down_t, "sparse_ffn");
+  GLASS_REQUIRE_PTR(idx, "sparse_ffn");
+  GLASS_REQUIRE_PTR(y, "sparse_ffn");
+  FfnArgs a{};
+  a.gated = 1;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, "sparse_ffn");
+}
+
+glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act, const void* x, int64_t B,
+                              int64_t T, int64_t d, const void* w_in, const void* b_in,
+                              const void* w_out_t, const void* b_out, int64_t D,
+                              const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, "sparse_mlp");
+  GLASS_REQUIRE_PTR(w_in, "sparse_mlp");
+  GLASS_REQUIRE_PTR(w_out_t, "sparse_mlp");
+  GLASS_REQUIRE_PTR(idx, "sparse_mlp");
+  GLASS_REQUIRE_PTR(y, "sparse_mlp");
+  FfnArgs a{};
+  a.gated = 0;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, "sparse_mlp");
+}
+
+glass_status glass_neuron_stats(glass_dtype dtype, const void* h, int64_t B, int64_t T, int64_t D,
+                                const float* down_norms, const uint8_t* mask, float* out) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(h, "neuron_stats");
+  GLASS_REQUIRE_PTR(out, "neuron_stats");
+  if (dtype_ok(dtype)) {
+    set_error("neuron_stats: dtype = %d is not a glass_dtype", static_cast<int>(dtype));
+    return GLASS_ERR_ARG;
+  }
+  struct { int64_t v; const char* n; } sizes[] = {{B, "B"}, {T, "T"}, {D, "D"}};
+  for (auto& s : sizes)
+    if (s.v <= 0) {
+      set_error("neuron_stats: %s = %lld must be > 0", s.n, static_cast<long long>(s.v));
+      return GLASS_ERR_SIZE;
+    }
+  int64_t bt, btd;
+  if (!mul_ok(B, T, &bt) || !mul_ok(bt, D, &btd)) {
+    set_error("neuron_stats: sizes overflow int64");
+    return GLASS_ERR_SIZE;
+  }
+  return neuron_stats_impl(dtype, h, B, T, D, down_norms, mask, out, num_threads());
+}
+
+glass_status glass_select_neurons(const float* local, int64_t B, int64_t D,
+                                  const int32_t* global_rank, double lam, int64_t k,
+                                  int32_t* out) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(local, "select_neurons");
+  GLASS_REQUIRE_PTR(global_rank, "select_neurons");
+  GLASS_REQUIRE_PTR(out, "select_neurons");
+  if (B <= 0) {
+    set_error("select_neurons: B = %lld must be > 0", static_cast<long long>(B));
+    return GLASS_ERR_SIZE;
+  }
+  if (D <= 0 || D > INT32_MAX) {
+    set_error("select_neurons: D = %lld must be in [1, 2^31)", static_cast<long long>(D));
+    return GLASS_ERR_SIZE;
+  }
+  if (k < 1 || k > D) {
+    set_error("select_neurons: k = %lld must be in [1, D = %lld]", static_cast<long long>(k),
+              static_cast<long long>(D));
+    return GLASS_ERR_SIZE;
+  }
+  if (!(lam >= 0.0 && lam <= 1.0)) {
+    set_error("select_neurons: lam = %g must be in [0, 1]", lam);
+    return GLASS_ERR_ARG;
+  }
+  int64_t bd;
+  if (!mul_ok(B, D, &bd)) {
+    set_error("select_neurons: sizes overflow int64");
+    return GLASS_ERR_SIZE;
+  }
+  for (int64_t i = 0; i < D; ++i)
+    if (global_rank[i] < 1 || global_rank[i] > D) {
+      set_error("select_neurons: global_rank[%lld] = %d is out of range [1, D = %lld]",
+                static_cast<long long>(i), global_rank[i], static_cast<long long>(D));
+      return GLASS_ERR_INDEX;
+    }
+  return select_neurons_impl(local, B, D, global_rank, lam, k, out, num_threads());
+}
+
+glass_status glass_set_isa(glass_isa isa) {
+  g_error[0] = '\0';
+  if (isa < GLASS_ISA_AUTO || isa > GLASS_ISA_NEON) {
+    set_error("set_isa: isa = %d is not a glass_isa", static_cast<int>(isa));
+    return GLASS_ERR_ARG;
+  }
+  if (isa == GLASS_ISA_AUTO) isa = best_isa();
+  if (!supported(isa)) {
+    set_error("set_isa: %s is not compiled in or not supported by this CPU", glass_isa_name(isa));
+    return GLASS_ERR_UNSUPPORTED;
+  }
+  current_isa().store(static_cast<int>(isa));
+  return GLASS_OK;
+}
+
+glass_isa glass_get_isa(void) { return static_cast<glass_isa>(current_isa().load()); }
+
+int glass_isa_supported(glass_isa isa) {
+  if (isa == GLASS_ISA_AUTO) return 1;
+  return (table_for(isa) != nullptr && supported(isa)) ? 1 : 0;
+}
+
+const char* glass_isa_name(glass_isa isa) {
+  switch (isa) {
+    case GLASS_ISA_AUTO: return "auto";
+    case GLASS_ISA_SCALAR: return "scalar";
+    case GLASS_ISA_AVX2: return "avx2";
+    case GLASS_ISA_AVX512: return "avx512";
+    case GLASS_ISA_NEON: return "neon";
+    default: return "unknown";
+  }
+}
+
+const char* glass_kernel_name(glass_dtype dtype, int gated) {
+  if (dtype_ok(dtype)) return "unknown";
+  const FfnTable* tab = table_for(glass_get_isa());
+  if (!tab) return "unknown";
+  return gated ? tab->ffn_name[dtype] : tab->mlp_name[dtype];
+}
+
+void glass_set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
+
+int glass_get_num_threads(void) { return num_threads(); }
+
+}  // extern "C"

@@ -1,0 +1,160 @@
+// Internal declarations shared by api.cpp and the per-ISA kernel files.
+// Every helper here is static (internal linkage) for the reason given in parallel.h.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "glass/glass.h"
+
+namespace glass {
+
+// Storage types: distinct so that templates pick the right conversion.
+struct bf16_t { uint16_t v; };
+struct f16_t { uint16_t v; };
+
+// One call of sparse_ffn / sparse_mlp after validation. The per-ISA driver owns threading.
+struct FfnArgs {
+  int gated;               // 1: gate/up/down; 0: in/out (+ biases)
+  glass_activation act;
+  const void* x;           // [B, T, d]
+  int64_t B, T, d, D;
+  const void* w1;          // W_gate or W_in [D, d]
+  const void* w2;          // W_up [D, d] (gated only)
+  const void* w3;          // W_down_t or W_out_t [D, d]
+  const void* b_in;        // [D] or null (non-gated only)
+  const void* b_out;       // [d] or null (non-gated only)
+  const int32_t* idx;      // [k] or [B, k]
+  int64_t k;
+  int idx_batched;
+  void* y;                 // [B, T, d]
+  int nthreads;            // requested team size; workspace is sized for it
+  float* xf;               // workspace: x in fp32 [B*T*d]
+  float* acc;              // workspace: nthreads private accumulators [rows*d] each
+  int64_t acc_stride;      // floats between two threads' accumulators (multiple of 16)
+};
+
+typedef void (*ffn_fn)(const FfnArgs&);
+
+// One ISA's kernels, indexed by glass_dtype.
+struct FfnTable {
+  ffn_fn ffn[3];
+  const char* ffn_name[3];
+  const char* mlp_name[3];
+};
+
+namespace scalar { extern const FfnTable kTable; }
+#if defined(GLASS_HAVE_AVX2)
+namespace avx2 { extern const FfnTable kTable; }
+#endif
+#if defined(GLASS_HAVE_AVX512)
+namespace avx512 { extern const FfnTable kTable; }
+#endif
+#if defined(GLASS_HAVE_NEON)
+namespace neon { extern const FfnTable kTable; }
+#endif
+
+// CPU feature detection (cpu_features.cpp).
+bool cpu_has_avx2();    // AVX2 + FMA + F16C, OS saves YMM state
+bool cpu_has_avx512();  // AVX-512 F/BW/VL/DQ, OS saves ZMM/opmask state
+bool cpu_has_avx512bf16();
+bool cpu_has_neon();
+
+void set_error(const char* fmt, ...);  // api.cpp: thread-local message
+
+// Kernels that have a single portable implementation.
+glass_status neuron_stats_impl(glass_dtype dtype, const void* h, int64_t B, int64_t T, int64_t D,
+                               const float* down_norms, const uint8_t* mask, float* out,
+                               int nthreads);
+glass_status select_neurons_impl(const float* local, int64_t B, int64_t D,
+                                 const int32_t* global_rank, double lam, int64_t k, int32_t* out,
+                                 int nthreads);
+
+namespace {
+
+// ---- scalar conversions (round to nearest even, NaN preserved) ----
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while ((man & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // result is subnormal or zero (|f| < 2^-14)
+    if (a < 0x33000000u) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to 0
+    uint32_t e = a >> 23;
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;  // 14 + (113 - e) ... bits to drop to land on 2^-24 units
+    uint32_t half = 1u << (shift - 1);
+    uint32_t r = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round mantissa to 10 bits, nearest even
+  r -= 0x38000000u;                            // rebias exponent 127 -> 15
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+static inline float to_f32(float v) { return v; }
+static inline float to_f32(bf16_t v) { return bf16_to_f32(v.v); }
+static inline float to_f32(f16_t v) { return f16_to_f32(v.v); }
+static inline void from_f32(float v, float* o) { *o = v; }
+static inline void from_f32(float v, bf16_t* o) { o->v = f32_to_bf16(v); }
+static inline void from_f32(float v, f16_t* o) { o->v = f32_to_f16(v); }
+
+// ---- activations (C math functions: no inline C++ wrappers with external linkage) ----
+static inline float act_apply(glass_activation act, float g) {
+  switch (act) {
+    case GLASS_ACT_SILU:
+      return g / (1.0f + expf(-g));
+    case GLASS_ACT_GELU_TANH: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+    }
+    case GLASS_ACT_GELU:
+      return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+    case GLASS_ACT_RELU:
+    default:
+      return g > 0.0f ? g : 0.0f;
+  }
+}
+
+}  // namespace
+}  // namespace glass

@@ -1,0 +1,126 @@
+// select_neurons: rank aggregation + top-k (method.md). Compiled with -ffp-contract=off: the
+// aggregated score must be lam * rG + (1 - lam) * rL rounded step by step, never fused, so that every
+// backend (torch reference, Triton, C++) picks the same set.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "internal.h"
+#include "parallel.h"
+
+namespace glass {
+namespace {
+
+// Order-preserving map float -> uint32 (ascending), then inverted so that ascending keys mean
+// DEScending scores.
+static inline uint32_t desc_key(float f) {
+  if (f == 0.0f) f = 0.0f;  // -0.0 == +0.0: a tie (broken by index), as in a float comparison
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~u;
+}
+
+struct Scratch {
+  std::vector<uint32_t> key, key2;
+  std::vector<int32_t> ord, ord2, rl, cand;
+  std::vector<double> agg;
+  std::vector<uint8_t> keep;
+  void resize(int64_t D) {
+    size_t n = static_cast<size_t>(D);
+    if (key.size() < n) {
+      key.resize(n); key2.resize(n); ord.resize(n); ord2.resize(n); rl.resize(n); cand.resize(n);
+      agg.resize(n); keep.resize(n);
+    }
+  }
+};
+
+// Local ranks: stable LSD radix sort of (key, index), 3 passes of 11 bits. Stability keeps equal
+// scores in index order, which is the tie rule (lower index = better rank).
+static void local_ranks(const float* s, int64_t D, Scratch& w) {
+  uint32_t* k0 = w.key.data();
+  uint32_t* k1 = w.key2.data();
+  int32_t* o0 = w.ord.data();
+  int32_t* o1 = w.ord2.data();
+  for (int64_t i = 0; i < D; ++i) {
+    k0[i] = desc_key(s[i]);
+    o0[i] = static_cast<int32_t>(i);
+  }
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass * 11;
+    uint32_t cnt[2048];
+    std::memset(cnt, 0, sizeof(cnt));
+    for (int64_t i = 0; i < D; ++i) ++cnt[(k0[i] >> shift) & 2047u];
+    // Skip a pass where every key has the same digit (common: small non-negative scores).
+    bool trivial = false;
+    for (int b = 0; b < 2048; ++b)
+      if (cnt[b]) { trivial = cnt[b] == static_cast<uint32_t>(D); break; }
+    if (trivial) continue;
+    uint32_t sum = 0;
+    for (int b = 0; b < 2048; ++b) {
+      uint32_t c = cnt[b];
+      cnt[b] = sum;
+      sum += c;
+    }
+    for (int64_t i = 0; i < D; ++i) {
+      uint32_t p = cnt[(k0[i] >> shift) & 2047u]++;
+      k1[p] = k0[i];
+      o1[p] = o0[i];
+    }
+    std::swap(k0, k1);
+    std::swap(o0, o1);
+  }
+  int32_t* rl = w.rl.data();
+  for (int64_t p = 0; p < D; ++p) rl[o0[p]] = static_cast<int32_t>(p + 1);
+}
+
+static void select_one(const float* s, int64_t D, const int32_t* rg, double lam, int64_t k,
+                       int32_t* out, Scratch& w) {
+  local_ranks(s, D, w);
+  const int32_t* rl = w.rl.data();
+  double* a = w.agg.data();
+  const double one_minus = 1.0 - lam;
+  for (int64_t i = 0; i < D; ++i) {
+    const double g = lam * static_cast<double>(rg[i]);
+    const double l = one_minus * static_cast<double>(rl[i]);
+    a[i] = g + l;
+  }
+  int32_t* cand = w.cand.data();
+  for (int64_t i = 0; i < D; ++i) cand[i] = static_cast<int32_t>(i);
+  if (k < D) {
+    // r^L is a permutation, so (a, r^L) is a strict total order: the k smallest are unique and the
+    // index tie rule is never needed here (it is already inside r^L).
+    std::nth_element(cand, cand + (k - 1), cand + D, [a, rl](int32_t i, int32_t j) {
+      return a[i] < a[j] || (a[i] == a[j] && rl[i] < rl[j]);
+    });
+  }
+  uint8_t* keep = w.keep.data();
+  std::memset(keep, 0, static_cast<size_t>(D));
+  for (int64_t j = 0; j < k; ++j) keep[cand[j]] = 1;
+  int64_t n = 0;
+  for (int64_t i = 0; i < D; ++i)
+    if (keep[i]) out[n++] = static_cast<int32_t>(i);
+}
+
+}  // namespace
+
+glass_status select_neurons_impl(const float* local, int64_t B, int64_t D,
+                                 const int32_t* global_rank, double lam, int64_t k, int32_t* out,
+                                 int nthreads) {
+  for (int64_t i = 0; i < B * D; ++i)
+    if (!std::isfinite(local[i])) {
+      set_error("select_neurons: local[%lld, %lld] = %g is not finite",
+                static_cast<long long>(i / D), static_cast<long long>(i % D),
+                static_cast<double>(local[i]));
+      return GLASS_ERR_ARG;
+    }
+  parallel_for(B, nthreads, 1, [&](int64_t b0, int64_t b1) {
+    thread_local Scratch w;
+    w.resize(D);
+    for (int64_t b = b0; b < b1; ++b) select_one(local + b * D, D, global_rank, lam, k, out + b * k, w);
+  });
+  return GLASS_OK;
+}
+
+}  // namespace glass

@@ -1,0 +1,65 @@
+// Generic (scalar) sparse FFN: the reference every fast path is tested against, and the fallback on
+// CPUs without a vector path. Plain loops in the contract's order; compiled with the baseline flags.
+#include "internal.h"
+#include "parallel.h"
+
+namespace glass {
+namespace scalar {
+namespace {
+
+constexpr int kTile = 4;
+
+template <class W>
+static void cvt_to_f32(const W* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+template <class W>
+static void cvt_from_f32(const float* src, W* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) from_f32(src[i], dst + i);
+}
+template <class W>
+static void dot2_tile(const W* a, const W* b, const float* x, int64_t ldx, int nt, int64_t d,
+                      float* ga, float* gb, const W*, const W*) {
+  for (int t = 0; t < nt; ++t) {
+    const float* xt = x + t * ldx;
+    float sa = 0.0f, sb = 0.0f;
+    for (int64_t c = 0; c < d; ++c) {
+      sa += to_f32(a[c]) * xt[c];
+      sb += to_f32(b[c]) * xt[c];
+    }
+    ga[t] = sa;
+    gb[t] = sb;
+  }
+}
+template <class W>
+static void dot1_tile(const W* a, const float* x, int64_t ldx, int nt, int64_t d, float* ga,
+                      const W*) {
+  for (int t = 0; t < nt; ++t) {
+    const float* xt = x + t * ldx;
+    float sa = 0.0f;
+    for (int64_t c = 0; c < d; ++c) sa += to_f32(a[c]) * xt[c];
+    ga[t] = sa;
+  }
+}
+template <class W>
+static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ldacc, int64_t d,
+                      const W*) {
+  for (int t = 0; t < nt; ++t) {
+    float* o = acc + t * ldacc;
+    const float ht = h[t];
+    for (int64_t c = 0; c < d; ++c) o[c] += ht * to_f32(w[c]);
+  }
+}
+
+#include "ffn_driver.inc"
+
+}  // namespace
+
+extern const FfnTable kTable = {
+    {ffn_f32, ffn_f16, ffn_bf16},
+    {"f32_sparse_ffn__scalar", "f16_sparse_ffn__scalar", "bf16_sparse_ffn__scalar"},
+    {"f32_sparse_mlp__scalar", "f16_sparse_mlp__scalar", "bf16_sparse_mlp__scalar"},
+};
+
+}  // namespace scalar
+}  // namespace glass

@@ -1,0 +1,172 @@
+// glass_kernels._C: a thin pybind11 layer over the C ABI (csrc/include/glass/glass.h).
+// Tensors arrive as raw pointers (Python ints from tensor.data_ptr()); the Python layer
+// (glass_kernels/ops.py) has already validated dtypes, shapes and contiguity. The core re-checks
+// sizes, indices and null pointers, and its errors become ValueError / IndexError. The GIL is
+// released around every kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "glass/glass.h"
+
+namespace py = pybind11;
+
+namespace {
+
+glass_dtype parse_dtype(const std::string& s) {
+  if (s == "float32") return GLASS_F32;
+  if (s == "float16") return GLASS_F16;
+  if (s == "bfloat16") return GLASS_BF16;
+  throw py::value_error("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + s + "'");
+}
+
+glass_activation parse_act(const std::string& s) {
+  if (s == "silu") return GLASS_ACT_SILU;
+  if (s == "gelu_tanh") return GLASS_ACT_GELU_TANH;
+  if (s == "gelu") return GLASS_ACT_GELU;
+  if (s == "relu") return GLASS_ACT_RELU;
+  throw py::value_error("activation: expected 'silu', 'gelu_tanh', 'gelu' or 'relu', got '" + s +
+                        "'");
+}
+
+glass_isa parse_isa(const std::string& s) {
+  for (int i = GLASS_ISA_AUTO; i <= GLASS_ISA_NEON; ++i)
+    if (s == glass_isa_name(static_cast<glass_isa>(i))) return static_cast<glass_isa>(i);
+  throw py::value_error("isa: expected 'auto', 'scalar', 'avx2', 'avx512' or 'neon', got '" + s +
+                        "'");
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// The core's message is thread-local: read it on the thread that ran the kernel (this one).
+void check(glass_status st) {
+  if (st == GLASS_OK) return;
+  std::string msg = glass_last_error();
+  if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
+  if (st == GLASS_ERR_INTERNAL) throw std::runtime_error(msg);
+  throw py::value_error(msg);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "glass_kernels C++ core (torch-free): sparse FFN, neuron statistics, selection";
+
+  m.def(
+      "sparse_ffn",
+      [](const std::string& dtype, const std::string& act, uintptr_t x, int64_t B, int64_t T,
+         int64_t d, uintptr_t w_gate, uintptr_t w_up, uintptr_t w_down_t, int64_t D, uintptr_t idx,
+         int64_t k, bool idx_batched, uintptr_t y) {
+        const glass_dtype dt = parse_dtype(dtype);
+        const glass_activation a = parse_act(act);
+        glass_status st;
+        std::string msg;
+        {
+          py::gil_scoped_release nogil;
+          st = glass_sparse_ffn(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_gate),
+                                ptr<const void>(w_up), ptr<const void>(w_down_t), D,
+                                ptr<const int32_t>(idx), k, idx_batched ? 1 : 0, ptr<void>(y));
+          if (st != GLASS_OK) msg = glass_last_error();
+        }
+        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
+        if (st != GLASS_OK) throw py::value_error(msg);
+      },
+      py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
+      py::arg("d"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down_t"), py::arg("D"),
+      py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"),
+      "Gated sparse FFN into y [B,T,d]; idx int32 [k] or [B,k] (idx_batched).");
+
+  m.def(
+      "sparse_mlp",
+      [](const std::string& dtype, const std::string& act, uintptr_t x, int64_t B, int64_t T,
+         int64_t d, uintptr_t w_in, uintptr_t b_in, uintptr_t w_out_t, uintptr_t b_out, int64_t D,
+         uintptr_t idx, int64_t k, bool idx_batched, uintptr_t y) {
+        const glass_dtype dt = parse_dtype(dtype);
+        const glass_activation a = parse_act(act);
+        glass_status st;
+        std::string msg;
+        {
+          py::gil_scoped_release nogil;
+          st = glass_sparse_mlp(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_in),
+                                ptr<const void>(b_in), ptr<const void>(w_out_t),
+                                ptr<const void>(b_out), D, ptr<const int32_t>(idx), k,
+                                idx_batched ? 1 : 0, ptr<void>(y));
+          if (st != GLASS_OK) msg = glass_last_error();
+        }
+        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
+        if (st != GLASS_OK) throw py::value_error(msg);
+      },
+      py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
+      py::arg("d"), py::arg("w_in"), py::arg("b_in"), py::arg("w_out_t"), py::arg("b_out"),
+      py::arg("D"), py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"),
+      "Non-gated sparse MLP into y [B,T,d]; b_in / b_out may be 0 (no bias).");
+
+  m.def(
+      "neuron_stats",
+      [](const std::string& dtype, uintptr_t h, int64_t B, int64_t T, int64_t D,
+         uintptr_t down_norms, uintptr_t mask, uintptr_t out) {
+        const glass_dtype dt = parse_dtype(dtype);
+        glass_status st;
+        std::string msg;
+        {
+          py::gil_scoped_release nogil;
+          st = glass_neuron_stats(dt, ptr<const void>(h), B, T, D, ptr<const float>(down_norms),
+                                  ptr<const uint8_t>(mask), ptr<float>(out));
+          if (st != GLASS_OK) msg = glass_last_error();
+        }
+        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
+        if (st != GLASS_OK) throw py::value_error(msg);
+      },
+      py::arg("dtype"), py::arg("h"), py::arg("B"), py::arg("T"), py::arg("D"),
+      py::arg("down_norms"), py::arg("mask"), py::arg("out"),
+      "Adds the per-neuron statistic of h [B,T,D] into out fp32 [B,D].");
+
+  m.def(
+      "select_neurons",
+      [](uintptr_t local, int64_t B, int64_t D, uintptr_t global_rank, double lam, int64_t k,
+         uintptr_t out) {
+        glass_status st;
+        std::string msg;
+        {
+          py::gil_scoped_release nogil;
+          st = glass_select_neurons(ptr<const float>(local), B, D, ptr<const int32_t>(global_rank),
+                                    lam, k, ptr<int32_t>(out));
+          if (st != GLASS_OK) msg = glass_last_error();
+        }
+        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
+        if (st != GLASS_OK) throw py::value_error(msg);
+      },
+      py::arg("local"), py::arg("B"), py::arg("D"), py::arg("global_rank"), py::arg("lam"),
+      py::arg("k"), py::arg("out"),
+      "Rank aggregation + top-k into out int32 [B,k] (rows sorted ascending).");
+
+  m.def(
+      "set_isa", [](const std::string& name) { check(glass_set_isa(parse_isa(name))); },
+      py::arg("name"), "Force a code path: 'auto' | 'scalar' | 'avx2' | 'avx512' | 'neon'.");
+  m.def("get_isa", []() { return std::string(glass_isa_name(glass_get_isa())); });
+  m.def("supported_isas", []() {
+    std::vector<std::string> out;
+    for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON; ++i)
+      if (glass_isa_supported(static_cast<glass_isa>(i)))
+        out.emplace_back(glass_isa_name(static_cast<glass_isa>(i)));
+    return out;
+  });
+  m.def(
+      "kernel_name",
+      [](const std::string& dtype, bool gated) {
+        return std::string(glass_kernel_name(parse_dtype(dtype), gated ? 1 : 0));
+      },
+      py::arg("dtype"), py::arg("gated") = true,
+      "Name of the kernel the current ISA runs, e.g. 'bf16_sparse_ffn__avx2'.");
+  m.def(
+      "set_num_threads", [](int n) { glass_set_num_threads(n); }, py::arg("n"),
+      "Threads used by the kernels (n <= 0: all cores).");
+  m.def("get_num_threads", []() { return glass_get_num_threads(); });
+}
