@@ -143,7 +143,7 @@ def _sparse_ffn_kernel(
 @triton.jit
 def _sparse_ffn_reduce_kernel(
     part_ptr, bo_ptr, y_ptr, n_rows, d, n_split,
-    HAS_BO: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BO: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -153,7 +153,16 @@ def _sparse_ffn_reduce_kernel(
         acc += tl.load(part_ptr + (s * n_rows + row).to(tl.int64) * d + offs_d, mask=mask_d, other=0.0)
     if HAS_BO:
         acc += tl.load(bo_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row.to(tl.int64) * d + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
+    if OUT_BF16:
+        # Round to nearest even by hand: Triton's interpreter casts fp32 -> bf16 by truncation
+        # (a 1-ulp bias the CI tests would see); on the GPU this matches cvt.rn.bf16.f32.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(acc != acc, acc.to(tl.bfloat16), out)  # keep NaN a NaN
+    else:
+        out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row.to(tl.int64) * d + offs_d, out, mask=mask_d)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -238,7 +247,7 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
         reduce_block = _REDUCE_BLOCK_D
     launch(_sparse_ffn_reduce_kernel)[(B * T, cdiv(d, reduce_block))](
         part, bo if bo is not None else dummy, y, B * T, d, n_split,
-        HAS_BO=bo is not None, BLOCK_D=reduce_block)
+        HAS_BO=bo is not None, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_D=reduce_block)
     return y.squeeze(0) if squeeze else y
 
 
