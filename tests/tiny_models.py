@@ -156,6 +156,9 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **over
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+    # No EOS during generate(): every test run produces exactly max_new_tokens tokens.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()
 
 
@@ -169,3 +172,124 @@ def random_stats(model: torch.nn.Module, seed: int = 0):
     act = [torch.rand(s.D, generator=g) for s in sites]
     imp = [torch.rand(s.D, generator=g) for s in sites]
     return GlobalStats.for_model(model, act, imp, num_tokens=1000, source="random-test")
+
+
+# ---- plain-torch references used by the patch tests (and usable for oracles elsewhere) ----------
+
+
+def _cache_len(pkv) -> int:
+    return 0 if pkv is None else int(pkv.get_seq_length())
+
+
+class NeuronMask:
+    """Plain-torch reference of sparse decoding on an *unpatched* model.
+
+    Forward pre-hooks on each FFN's intermediate module (down_proj / fc2 / c_proj) zero h outside
+    the given per-layer sets (int [B, k] or [k]) while ``active``. With ``auto=True`` it is active
+    exactly when the model's forward receives a non-empty KV cache (the GLASS decode phase).
+    Use as a context manager; hooks are removed on exit.
+    """
+
+    def __init__(self, model, sets, auto: bool = False) -> None:
+        from glass_kernels.patch import find_ffn_sites
+
+        self.model, self.auto, self.active, self.batch = model, auto, False, None
+        self.sites = find_ffn_sites(model)
+        self.masks = []
+        for site, s in zip(self.sites, sets):
+            s = s.reshape(-1, s.shape[-1]).long()
+            m = torch.zeros(s.shape[0], site.D, dtype=torch.bool)
+            m.scatter_(1, s, True)
+            self.masks.append(m)
+        self.handles = []
+
+    def __enter__(self):
+        def top(module, args, kwargs):
+            x = kwargs.get("input_ids", args[0] if args else None)
+            if x is None:
+                x = kwargs["inputs_embeds"]
+            self.batch = x.shape[0]
+            if self.auto:
+                self.active = _cache_len(kwargs.get("past_key_values")) > 0
+
+        self.handles.append(self.model.register_forward_pre_hook(top, with_kwargs=True))
+        for site, m in zip(self.sites, self.masks):
+            mod = site.handler.intermediate_module(site.module)
+
+            def pre(mod, args, m=m, D=site.D):
+                if not self.active:
+                    return None
+                h = args[0]
+                hh = h.reshape(self.batch, -1, D)  # OPT's fc2 sees [B*T, D]
+                keep = m.to(h.device)[:, None, :].to(h.dtype)
+                return ((hh * keep).reshape(h.shape),) + tuple(args[1:])
+
+            self.handles.append(mod.register_forward_pre_hook(pre))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def griffin_reference(model, ids, k_per_layer, attention_mask=None, impact=False):
+    """GRIFFIN's neuron sets in plain torch (fp64): per layer, per sequence, the top-k of
+    sum_t (h_t,i / ||h_t||)^2 over the prompt's non-padding tokens (ties -> lower index), sorted.
+    With ``impact`` h_i is scaled by ||W_down[:, i]||. Returns (sets, stats) lists per layer."""
+    from glass_kernels.patch import find_ffn_sites
+
+    sites = find_ffn_sites(model)
+    captured = [None] * len(sites)
+    B = ids.shape[0]
+    handles = []
+    for l, site in enumerate(sites):
+        def pre(mod, args, l=l, D=site.D):
+            captured[l] = args[0].detach().reshape(B, -1, D).double()
+
+        handles.append(site.handler.intermediate_module(site.module).register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    sets, stats = [], []
+    for l, site in enumerate(sites):
+        h = captured[l]
+        if impact:
+            h = h * site.handler.down_weight(site.module).detach().double().norm(dim=0)
+        n = h.norm(dim=-1, keepdim=True)
+        q = torch.where(n > 0, (h / n) ** 2, torch.zeros_like(h))
+        if attention_mask is not None:
+            q = q * attention_mask[:, -h.shape[1]:, None].double()
+        s = q.sum(1)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        sets.append(order[:, : k_per_layer[l]].sort(dim=1).values.to(torch.int32))
+        stats.append(s)
+    return sets, stats
+
+
+def aggregate_reference(local: torch.Tensor, global_rank: torch.Tensor, lam: float, k: int) -> torch.Tensor:
+    """method.md's rank aggregation in plain Python/torch: a(i) = lam r_G(i) + (1 - lam) r_L(i),
+    k smallest, ties -> better r_L then lower index; sorted int32 [B, k]."""
+    B, D = local.shape
+    out = []
+    for b in range(B):
+        order = torch.sort(local[b], descending=True, stable=True).indices
+        rl = torch.empty(D, dtype=torch.long)
+        rl[order] = torch.arange(1, D + 1)
+        a = [lam * float(global_rank[i]) + (1 - lam) * float(rl[i]) for i in range(D)]
+        best = sorted(range(D), key=lambda i: (a[i], int(rl[i]), i))[:k]
+        out.append(torch.tensor(sorted(best), dtype=torch.int32))
+    return torch.stack(out)
+
+
+def assert_close_to_oracle(got, ref, oracle, what=""):
+    """FlashAttention-style tolerance: ``got``'s error against the fp64 ``oracle`` may be at most
+    2x plain torch's error (``ref``, same dtype as ``got``) plus a few ulps of the output scale."""
+    oracle = oracle.double()
+    err_got = (got.double() - oracle).abs().max().item()
+    err_ref = (ref.double() - oracle).abs().max().item()
+    eps = 4 * torch.finfo(got.dtype).eps * max(1.0, oracle.abs().max().item())
+    assert err_got <= 2 * err_ref + eps, f"{what}: error {err_got:.3g} > 2 x torch's {err_ref:.3g} + {eps:.3g}"
