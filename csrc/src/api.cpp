@@ -85,6 +85,7 @@ std::atomic<int>& current_isa() {
 // a decode step must not allocate.
 struct Workspace {
   std::vector<float> buf;
+  alignas(64) int64_t counters[16] = {0};
   float* get(size_t n) {
     if (buf.size() < n + 16) buf.resize(n + 16);
     uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
@@ -145,18 +146,28 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
     return GLASS_ERR_INTERNAL;
   }
   int nt = num_threads();
-  // One index set shared by B sequences: all B*T tokens go through each row together.
+  const int64_t nseq = a.idx_batched ? a.B : 1;
   const int64_t rows = a.idx_batched ? a.T : bt;
-  const int64_t stride = ((rows * a.d + 15) / 16) * 16;
-  if (a.k < nt) nt = static_cast<int>(a.k);  // at least one neuron per thread
+  // Chunks of ~48 neurons (enough to balance 2-16 threads and to amortise zeroing and summing
+  // the chunk buffers), at most 64 per set, and at most ~4M floats of chunk buffers in all.
+  int64_t nch = (a.k + 47) / 48;
+  if (nch > 64) nch = 64;
+  const int64_t cap = (int64_t(1) << 22) / (nseq * rows * a.d);
+  if (nch > cap) {
+    // Very long inputs (prefill-sized T): the buffers are big, keep one chunk per thread (the
+    // result then depends on the thread count; it does not below this size).
+    nch = cap > nt ? cap : nt;
+    if (nch > a.k) nch = a.k;
+  }
+  if (nch * nseq < nt) nt = static_cast<int>(nch * nseq);
   if (nt < 1) nt = 1;
   a.nthreads = nt;
+  a.nchunks = nch;
+  a.xlen = ((btd + 15) / 16) * 16;
+  a.buf_len = ((rows * a.d + 15) / 16) * 16;
   try {
-    const int64_t xn = ((btd + 15) / 16) * 16;
-    float* ws = g_ws.get(static_cast<size_t>(xn + stride * nt));
-    a.xf = ws;
-    a.acc = ws + xn;
-    a.acc_stride = stride;
+    a.acc = g_ws.get(static_cast<size_t>(a.xlen * nt + a.buf_len * nch * nseq));
+    a.counters = g_ws.counters;
   } catch (const std::bad_alloc&) {
     set_error("%s: cannot allocate the workspace", what);
     return GLASS_ERR_INTERNAL;

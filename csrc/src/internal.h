@@ -30,9 +30,11 @@ struct FfnArgs {
   int idx_batched;
   void* y;                 // [B, T, d]
   int nthreads;            // requested team size; workspace is sized for it
-  float* xf;               // workspace: x in fp32 [B*T*d]
-  float* acc;              // workspace: nthreads private accumulators [rows*d] each
-  int64_t acc_stride;      // floats between two threads' accumulators (multiple of 16)
+  float* acc;              // workspace, see ffn_driver.inc
+  int64_t xlen;            // floats of x in fp32 per thread (multiple of 16)
+  int64_t nchunks;         // chunks per index set
+  int64_t buf_len;         // floats per chunk buffer (>= rows * d, multiple of 16)
+  int64_t* counters;       // 16 int64: [0] next chunk, [8] chunks done
 };
 
 typedef void (*ffn_fn)(const FfnArgs&);

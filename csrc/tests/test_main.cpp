@@ -231,10 +231,14 @@ void test_ffn() {
     std::vector<double> ref_scalar, bnd;
     for (glass_isa isa : isas) {
       CHECK(glass_set_isa(isa) == GLASS_OK, "set_isa(%s)", glass_isa_name(isa));
+      std::vector<double> one_thread;
       for (int nt : thread_counts) {
         glass_set_num_threads(nt);
         std::vector<double> b;
         std::vector<double> y = run_ffn_case(c, seed, &b);
+        // The chunking does not depend on the thread count: bitwise the same result.
+        if (nt == 1) one_thread = y;
+        else CHECK(y == one_thread, "%s: %d threads differ from 1 thread", glass_isa_name(isa), nt);
         if (isa == GLASS_ISA_SCALAR && nt == 1) {
           ref_scalar = y;
           bnd = b;
