@@ -39,9 +39,6 @@ from glass_kernels.triton._utils import activation_code, bucket, cdiv, interpret
 # Partial rows beyond this many bytes make the split coarser (only reachable for long T or big B,
 # never at decode): the buffer is allocated per call.
 _MAX_PARTIAL_BYTES = 256 << 20
-# Largest [BLOCK_T, BLOCK_K, BLOCK_D] fp32 product the broadcast path may hold per program:
-# 16 K elements over 128-256 threads is 64-128 registers each, past that it spills.
-_MAX_BCAST_ELEMS = 16384
 
 
 @triton.jit
@@ -86,8 +83,14 @@ def _sparse_ffn_kernel(
         ridx = tl.load(idx_ptr + b * idx_stride_b + offs_k, mask=mask_k, other=0).to(tl.int64)
         rows = ridx * d
 
-        acc1 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        # Broadcast path: keep [BLOCK_T, BLOCK_K, BLOCK_D] fp32 partial products and reduce over d
+        # once after the loop (one cross-lane reduction per block instead of one per d chunk).
+        if USE_DOT:
+            acc1 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        else:
+            acc1 = tl.zeros([BLOCK_T, BLOCK_K, BLOCK_D], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_T, BLOCK_K, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + arange_d
             mask_d = offs_d < d
@@ -103,7 +106,7 @@ def _sparse_ffn_kernel(
                 else:
                     acc1 = tl.dot(xt, tl.trans(w1), acc1)
             else:
-                acc1 += tl.sum(xt.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+                acc1 += xt.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :]
             if GATED:
                 w3 = tl.load(w3_ptr + w_off, mask=w_mask, other=0.0)
                 if USE_DOT:
@@ -113,14 +116,20 @@ def _sparse_ffn_kernel(
                     else:
                         acc3 = tl.dot(xt, tl.trans(w3), acc3)
                 else:
-                    acc3 += tl.sum(xt.to(tl.float32)[:, None, :] * w3.to(tl.float32)[None, :, :], axis=2)
+                    acc3 += xt.to(tl.float32)[:, None, :] * w3.to(tl.float32)[None, :, :]
+        if USE_DOT:
+            g = acc1
+            u = acc3
+        else:
+            g = tl.sum(acc1, axis=2)
+            u = tl.sum(acc3, axis=2)
 
         if HAS_B1:
             b1 = tl.load(b1_ptr + ridx, mask=mask_k, other=0.0).to(tl.float32)
-            acc1 += b1[None, :]
-        h = _activation(acc1, ACT)
+            g += b1[None, :]
+        h = _activation(g, ACT)
         if GATED:
-            h = h * acc3
+            h = h * u
         # Padding neurons/tokens must contribute exactly 0 (act(b_in[0]) is not 0 for gelu).
         h = tl.where(mask_t[:, None] & mask_k[None, :], h, 0.0)
 
@@ -166,31 +175,41 @@ def _sparse_ffn_reduce_kernel(
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    npp = named_args["npp"]
-    block_t = kwargs.get("BLOCK_T", named_args.get("BLOCK_T", 1))
-    use_dot = kwargs.get("USE_DOT", named_args.get("USE_DOT", False))
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_K"] <= npp
-            and (use_dot or block_t * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_D"] <= _MAX_BCAST_ELEMS)]
-    # npp >= 16 always, and every list below has a (16, <= 256) config, so kept is never empty.
-    return kept or configs[:1]
+    # A program walks npp neurons in BLOCK_K steps: BLOCK_K must divide npp (both powers of two).
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= named_args["npp"]]
+    return kept or configs[:1]  # every list starts with a BLOCK_K = 16 config and npp >= 16
 
 
-_BCAST_CONFIGS = [
-    triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
-    for bk in (16, 32, 64) for bd in (128, 256, 512) for w in (4, 8)
+def bcast_configs(block_t: int) -> list:
+    """Configs of the broadcast (T <= 8) path that compile without register spills on sm_90.
+
+    Measured with benchmarks/gpu/check_compile.py (ptxas through triton.compile, no GPU needed):
+    BLOCK_T * BLOCK_K * BLOCK_D fp32 accumulators stay spill-free up to 32 elements per thread at
+    BLOCK_K = 16 and 16 per thread at BLOCK_K = 32 (BLOCK_K = 64 spilled at 32 per thread), i.e.
+    BLOCK_T * BLOCK_K^2 * BLOCK_D <= 16384 * num_warps; BLOCK_K = 32 with 2+ tokens left an 8-byte
+    stack frame in sparse_mlp (gelu), so it is kept for T = 1 only. BLOCK_D >= 64: 128-byte rows.
+    """
+    cfgs = [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
+            for bk in (16, 32) for bd in (64, 128, 256, 512) for w in (4, 8)
+            if block_t * bk * bk * bd <= 16384 * w and (bk == 16 or block_t == 1)]
+    return cfgs or [triton.Config({"BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=3)]
+
+
+# tl.dot path (16-token tiles): BLOCK_K 64 or BLOCK_D 128 at 4 warps spilled on sm_90, and so did
+# (BLOCK_K 32, 2 stages) for fp32 sparse_mlp.
+DOT_CONFIGS = [
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=3),
 ]
-_DOT_CONFIGS = [
-    triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=4, num_stages=s)
-    for bk in (16, 32, 64) for bd in (64, 128) for s in (2, 3)
-]
-# Keys: d and the D / k buckets (explicit and stable, the issue's contract), npp (sets how many
-# neurons one program walks), the token tile; the Autotuner adds every tensor's dtype by itself.
-_KEY = ["d", "D_BUCKET", "K_BUCKET", "npp", "BLOCK_T", "GATED"]
-_tuned_bcast = triton.autotune(_BCAST_CONFIGS, key=_KEY,
-                               prune_configs_by={"early_config_prune": _prune_configs})(_sparse_ffn_kernel)
-_tuned_dot = triton.autotune(_DOT_CONFIGS, key=_KEY,
-                             prune_configs_by={"early_config_prune": _prune_configs})(_sparse_ffn_kernel)
+# Keys: d and the D / k buckets (explicit and stable, the issue's contract), npp (how many
+# neurons one program walks), gated or not; the Autotuner adds every tensor's dtype by itself.
+# One autotuner per token tile, each with the configs that fit that tile.
+_KEY = ["d", "D_BUCKET", "K_BUCKET", "npp", "GATED"]
+_PRUNE = {"early_config_prune": _prune_configs}
+_TUNED = {bt: triton.autotune(bcast_configs(bt), key=_KEY, prune_configs_by=_PRUNE)(_sparse_ffn_kernel)
+          for bt in (1, 2, 4, 8)}
+_TUNED[16] = triton.autotune(DOT_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_sparse_ffn_kernel)
 
 # Fixed configuration under the interpreter: small tiles so that odd d (e.g. 37) spans several
 # masked chunks, and no autotuning (each interpreted launch costs hundreds of ms).
@@ -242,8 +261,7 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
                                               BLOCK_D=_INTERP_BLOCK_D)
         reduce_block = 64
     else:
-        kernel = _tuned_dot if p["USE_DOT"] else _tuned_bcast
-        launch(kernel)[grid_main](*args, **meta)
+        launch(_TUNED[p["BLOCK_T"]])[grid_main](*args, **meta)
         reduce_block = _REDUCE_BLOCK_D
     launch(_sparse_ffn_reduce_kernel)[(B * T, cdiv(d, reduce_block))](
         part, bo if bo is not None else dummy, y, B * T, d, n_split,
