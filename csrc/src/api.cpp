@@ -1,10 +1,14 @@
 // The C ABI: argument validation, ISA dispatch, thread count, workspace, error messages.
 #include <atomic>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "internal.h"
@@ -85,7 +89,6 @@ std::atomic<int>& current_isa() {
 // a decode step must not allocate.
 struct Workspace {
   std::vector<float> buf;
-  alignas(64) int64_t counters[16] = {0};
   float* get(size_t n) {
     if (buf.size() < n + 16) buf.resize(n + 16);
     uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
@@ -166,8 +169,7 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
   a.xlen = ((btd + 15) / 16) * 16;
   a.buf_len = ((rows * a.d + 15) / 16) * 16;
   try {
-    a.acc = g_ws.get(static_cast<size_t>(a.xlen * nt + a.buf_len * nch * nseq));
-    a.counters = g_ws.counters;
+    a.acc = g_ws.get(static_cast<size_t>(a.xlen + a.buf_len * nch * nseq));
   } catch (const std::bad_alloc&) {
     set_error("%s: cannot allocate the workspace", what);
     return GLASS_ERR_INTERNAL;
@@ -178,12 +180,33 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
 
 }  // namespace
 
-int num_threads() {
-  int n = g_threads.load();
-#ifdef _OPENMP
-  if (n <= 0) n = omp_get_max_threads();
+namespace {
+// Default thread count: GLASS_NUM_THREADS, else OMP_NUM_THREADS (what torch and most stacks
+// honour), else the CPUs this process may run on.
+int default_threads() {
+  for (const char* var : {"GLASS_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    const char* v = std::getenv(var);
+    if (v && *v) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
 #endif
-  return n > 0 ? n : 1;
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc > 0 ? static_cast<int>(hc) : 1;
+}
+}  // namespace
+
+int num_threads() {
+  static const int dflt = default_threads();
+  const int n = g_threads.load();
+  return n > 0 ? n : dflt;
 }
 
 void set_error(const char* fmt, ...) {

@@ -31,10 +31,9 @@ struct FfnArgs {
   void* y;                 // [B, T, d]
   int nthreads;            // requested team size; workspace is sized for it
   float* acc;              // workspace, see ffn_driver.inc
-  int64_t xlen;            // floats of x in fp32 per thread (multiple of 16)
+  int64_t xlen;            // floats reserved for x in fp32 (multiple of 16)
   int64_t nchunks;         // chunks per index set
   int64_t buf_len;         // floats per chunk buffer (>= rows * d, multiple of 16)
-  int64_t* counters;       // 16 int64: [0] next chunk, [8] chunks done
 };
 
 typedef void (*ffn_fn)(const FfnArgs&);

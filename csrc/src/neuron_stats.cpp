@@ -47,14 +47,14 @@ static void stats_impl(const W* h, int64_t B, int64_t T, int64_t D, const float*
   if (norms_buf.size() < static_cast<size_t>(B * T)) norms_buf.resize(B * T);
   float* norms = norms_buf.data();
   // Pass 1: norms of the tokens that count (0 for masked-out tokens: they add nothing).
-  parallel_for(B * T, nthreads, 4, [&](int64_t b0, int64_t b1) {
+  parallel_for(B * T, nthreads, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t bt = b0; bt < b1; ++bt)
       norms[bt] = (mask && !mask[bt]) ? 0.0f : token_norm(h + bt * D, dn, D);
   });
   // Pass 2: blocks of 512 neurons of one sequence; every token adds (v_i / n)^2.
   const int64_t kBlk = 512;
   const int64_t nblk = (D + kBlk - 1) / kBlk;
-  parallel_for(B * nblk, nthreads, 2, [&](int64_t w0, int64_t w1) {
+  parallel_for(B * nblk, nthreads, 4, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / nblk;
       const int64_t c0 = (w % nblk) * kBlk;

@@ -108,7 +108,8 @@ GLASS_API const char* glass_isa_name(glass_isa isa);
 /* Name of the kernel the current ISA runs for (dtype, op), e.g. "bf16_sparse_ffn__avx2". */
 GLASS_API const char* glass_kernel_name(glass_dtype dtype, int gated);
 
-/* Threads used by the kernels (n <= 0: the OpenMP default, i.e. all cores). */
+/* Threads used by the kernels (n <= 0: the default: GLASS_NUM_THREADS, else OMP_NUM_THREADS, else
+ * the CPUs this process may run on). */
 GLASS_API void glass_set_num_threads(int n);
 GLASS_API int glass_get_num_threads(void);
 
