@@ -6,9 +6,9 @@ select_neurons only show up in the real compilation. ``triton.compile`` with a G
 whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas) on any machine.
 
 Checks, per variant: it compiles; registers and stack (spill) bytes from the bundled cuobjdump;
---strict fails on any stack use. select_neurons: no ``fma.rn.f64`` in its PTX when launched as
-the launcher does (enable_fp_fusion=False), while the same kernel with fusion on does contract
-(the control proving the check can fail).
+--strict fails on any stack use. select_neurons: compiled with FP fusion on (what torch.compile
+uses), its float64 aggregation has no FMA with a non-zero addend, while the naive expression in
+a control kernel does get contracted (proving the check can fail).
 
     python benchmarks/gpu/check_compile.py            # every autotune config, 3 dtypes (~3 min)
     python benchmarks/gpu/check_compile.py --quick    # one config per path (~15 s; tests run it)
@@ -30,6 +30,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; its default
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -105,13 +106,31 @@ def variants(quick: bool):
                dict(HAS_DN=True, BLOCK_T=16, BLOCK_D=128), 4, 3)
 
 
+@triton.jit
+def _naive_aggregate_kernel(order_ptr, grank_ptr, coef_ptr, a_ptr, D, BLOCK: tl.constexpr):
+    # The control: the plain expression, which a contracting compiler turns into an FMA.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < D
+    r_g = tl.load(grank_ptr + tl.load(order_ptr + offs, mask=m, other=0), mask=m, other=0).to(tl.float64)
+    r_l = (offs + 1).to(tl.float64)
+    a = tl.load(coef_ptr) * r_g + tl.load(coef_ptr + 1) * r_l
+    tl.store(a_ptr + offs, a, mask=m)
+
+
+_FMA = re.compile(r"fma\.rn\.f64\s+[^,]+,\s*[^,]+,\s*[^,]+,\s*([^;]+);")
+
+
+def _contracted(ptx: str) -> bool:
+    """True if some f64 FMA adds something other than +0.0 (a product fused into the sum)."""
+    return any(addend.strip() != "0d0000000000000000" for addend in _FMA.findall(ptx))
+
+
 def check_select_no_fma(arch: int) -> tuple[bool, bool]:
+    """(kernel contracted, control contracted), both compiled with fusion ON as torch.compile would."""
     types = {"order_ptr": "*i64", "grank_ptr": "*i32", "coef_ptr": "*fp64", "a_ptr": "*fp64", "D": "i32"}
-    has = []
-    for fusion in (False, True):
-        k = _compile(_select_neurons_kernel, types, {"BLOCK": 1024}, arch, fp_fusion=fusion)
-        has.append("fma.rn.f64" in k.asm["ptx"])
-    return has[0], has[1]
+    ours = _compile(_select_neurons_kernel, types, {"BLOCK": 1024}, arch, fp_fusion=True)
+    control = _compile(_naive_aggregate_kernel, types, {"BLOCK": 1024}, arch, fp_fusion=True)
+    return _contracted(ours.asm["ptx"]), _contracted(control.asm["ptx"])
 
 
 def main(argv=None) -> int:
@@ -134,12 +153,13 @@ def main(argv=None) -> int:
         print(f"{flag} {name:<48} regs {regs:>3}  stack {stack:>5} B  {time.perf_counter() - t0:5.1f} s")
         if stack and args.strict:
             failures.append(f"{name}: {stack} bytes of stack (spills)")
-    fma_off, fma_on = check_select_no_fma(args.arch)
-    print(f"select_neurons PTX fma.rn.f64: launcher (fusion off) {fma_off}, control (fusion on) {fma_on}")
-    if fma_off:
-        failures.append("select_neurons: fma.rn.f64 in PTX with enable_fp_fusion=False")
-    if not fma_on:
-        print("note: the control did not contract either; the FMA check proves nothing on this target")
+    ours, control = check_select_no_fma(args.arch)
+    print(f"select_neurons fp64 aggregation contracted into an FMA (fusion on): kernel {ours}, "
+          f"naive control {control}")
+    if ours:
+        failures.append("select_neurons: lam * r^G + (1 - lam) * r^L contracted into an FMA")
+    if not control:
+        failures.append("the naive control was not contracted: the FMA check would prove nothing")
     print(f"sm_{args.arch}: {len(failures)} failure(s), {time.perf_counter() - t_all:.1f} s")
     for f in failures:
         print("  " + f)

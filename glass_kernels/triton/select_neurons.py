@@ -11,9 +11,11 @@ Design (the result must be bit-identical to the reference, ties included):
   worth writing (tl.sort sorts a power-of-two block held in registers) and this runs once per
   prompt.
 - Aggregation: ``_select_neurons_kernel`` computes a(i) in float64 directly in local-rank order
-  (position j holds neuron order[j], whose r^L is j + 1, so no scatter of ranks is needed). It is
-  launched with ``enable_fp_fusion=False`` so the compiler cannot contract lam * r^G + (...) into
-  an FMA (a single rounding would differ from the reference's two); lam and 1 - lam are computed
+  (position j holds neuron order[j], whose r^L is j + 1, so no scatter of ranks is needed). Each
+  product is an explicit fma(., ., +0.0), i.e. exactly rounded, so no compiler setting can contract
+  lam * r^G + (...) into one FMA (a single rounding differs from the reference's two and changes
+  the selected set at some k); a launch option (enable_fp_fusion=False) would not survive
+  torch.compile, which re-launches user kernels with its own options. lam and 1 - lam are computed
   on the host in float64 and passed in a float64 tensor because Triton passes Python floats as fp32.
 - Top-k: a stable ascending sort of a, whose input is already in r^L order, so equal a(i) come out
   by better r^L (r^L is a permutation, so the index tie-break is never needed). torch.topk gives no
@@ -40,7 +42,10 @@ def _select_neurons_kernel(order_ptr, grank_ptr, coef_ptr, a_ptr, D, BLOCK: tl.c
     r_l = (offs + 1).to(tl.float64)
     lam = tl.load(coef_ptr)
     one_minus_lam = tl.load(coef_ptr + 1)
-    a = lam * r_g + one_minus_lam * r_l
+    # Two roundings, whatever the compiler's contraction settings: fma(p, q, +0.0) is exactly the
+    # rounded product, and an fma result cannot be contracted into the add that follows. (A plain
+    # lam * r_g + ... may become one FMA, a single rounding that selects different neurons.)
+    a = tl.fma(lam, r_g, 0.0) + tl.fma(one_minus_lam, r_l, 0.0)
     tl.store(a_ptr + row + offs, a, mask=m)
 
 
@@ -58,7 +63,7 @@ def select_neurons(local: torch.Tensor, global_rank: torch.Tensor, lam: float, k
     a = torch.empty((B, D), dtype=torch.float64, device=local.device)
     block = 64 if interpreting() or local.device.type != "cuda" else 1024
     launch(_select_neurons_kernel)[(B, cdiv(D, block))](
-        order, global_rank, coef, a, D, BLOCK=block, enable_fp_fusion=False)
+        order, global_rank, coef, a, D, BLOCK=block)
     pos = torch.sort(a, dim=1, stable=True).indices[:, :k]
     idx = torch.sort(order.gather(1, pos), dim=1).values.to(torch.int32)
     return idx.squeeze(0) if squeeze else idx

@@ -26,4 +26,4 @@ def test_kernels_compile_for_sm90_without_spills_or_fma():
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--strict", "--arch", "90"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, f"check_compile failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    assert "launcher (fusion off) False, control (fusion on) True" in r.stdout, r.stdout[-2000:]
+    assert "contracted into an FMA (fusion on): kernel False, naive control True" in r.stdout, r.stdout[-2000:]
