@@ -55,13 +55,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Programs per SM a sparse_ffn launch aims for (see target_programs). Not measured yet: no GPU was
+# available when this was written; benchmarks/gpu/bench_sparse_ffn.py --programs-per-sm sweeps it.
+PROGRAMS_PER_SM = 4
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs a launch should aim for to fill the device.
 
-    4 waves of one program per SM keeps HBM busy on H100 (132 SMs) without making the
-    per-program partial rows of sparse_ffn a large share of the traffic. Under the interpreter
-    every program is a slow Python loop, so aim for very few.
+    About PROGRAMS_PER_SM resident programs per SM (3-4 fit at the kernels' 90-150 registers per
+    thread) to keep enough loads in flight for HBM; more programs also mean more fp32 partial
+    rows for sparse_ffn. Under the interpreter every program is a slow Python loop: aim for few.
     """
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return PROGRAMS_PER_SM * _sm_count(idx)
     return 4

@@ -19,9 +19,11 @@ Design (batch-1 decode is HBM-bound: every selected weight byte is read exactly 
   launches against two here), give run-to-run differences (the dense-vs-sparse KL evaluation and
   CUDA-graph replays should be bit-reproducible), and make the kernel non-idempotent, which the
   autotuner's repeated benchmark runs would corrupt. bf16/fp16 never touch atomics either way.
-  The cost is the partial rows: split * B * T * d * 4 bytes written and read once; ``split`` is
-  chosen so that the grid is about 4 programs per SM, e.g. 224 rows * 16 KiB = 3.5 MiB at
-  (4096, 14336) keep 1.0 against 336 MiB of bf16 weights (about 2% more traffic).
+  The cost is the partial rows, split * B * T * d * 4 bytes written and read once, i.e. 4/(3 npp)
+  of the bf16 weight bytes for npp neurons per program (8% at npp = 16, 4% at 32), though at
+  decode they are small enough to stay in L2 (896 rows * 16 KiB = 14 MiB at (4096, 14336) keep 1.0
+  with npp = 16; H100 L2 = 50 MB), plus a second launch of a few microseconds; fp32 atomics would
+  pay the same L2 traffic as atomic transactions plus a memset and a cast launch.
 - Dot products: elementwise multiply + tl.sum in fp32 for small token tiles (decode T = 1, or a
   few speculative tokens); tl.dot for tiles of 16 tokens (teacher-forced continuations). Under the
   interpreter, and for fp32 weights, tl.dot runs on fp32 operands with input_precision="ieee":
@@ -34,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from glass_kernels.triton._utils import activation_code, bucket, cdiv, interpreting, launch, target_programs
+from glass_kernels.triton import _utils
+from glass_kernels.triton._utils import activation_code, bucket, cdiv, interpreting, launch
 
 # Partial rows beyond this many bytes make the split coarser (only reachable for long T or big B,
 # never at decode): the buffer is allocated per call.
@@ -224,7 +227,7 @@ def _plan(B: int, T: int, d: int, k: int, device: torch.device) -> dict:
     n_t = cdiv(T, block_t)
     interp = interpreting() or device.type != "cuda"
     min_npp = _INTERP_BLOCK_K if interp else 16
-    target = 2 if interp else target_programs(device)
+    target = 2 if interp else _utils.target_programs(device)
     # neurons per program: the largest power of two leaving >= target programs, at least one block
     npp = min_npp
     while cdiv(k, npp * 2) * B * n_t >= target and npp * 2 <= triton.next_power_of_2(k):
