@@ -240,16 +240,21 @@ def _plan(B: int, T: int, d: int, k: int, device: torch.device) -> dict:
 
 def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
     act = activation_code(activation)
-    squeeze = x.dim() == 2
-    x3 = x.unsqueeze(0) if squeeze else x
+    shape = x.shape
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
     B, T, d = x3.shape
+    if idx.dim() == 1:
+        # One neuron set for the whole batch: the sequences are just more tokens of one tile
+        # stream, so each weight tile is loaded once for all of them instead of once per sequence.
+        x3 = x3.reshape(1, B * T, d)
+        B, T = 1, B * T
     D = w1.shape[0]
     k = idx.shape[-1]
     idx_stride_b = k if idx.dim() == 2 else 0
     x3 = x3.contiguous()
     y = torch.empty_like(x3)
     if B * T == 0:
-        return y.squeeze(0) if squeeze else y
+        return y.reshape(shape)
     p = _plan(B, T, d, k, x.device)
     n_split = p["n_split"]
     part = torch.empty((n_split, B, T, d), device=x.device, dtype=torch.float32)
@@ -259,17 +264,18 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
     meta = dict(GATED=gated, HAS_B1=b1 is not None, ACT=act, BLOCK_T=p["BLOCK_T"],
                 USE_DOT=p["USE_DOT"], DOT_F32=p["interp"] or x.dtype == torch.float32)
     grid_main = (n_split, B, p["n_t"])
-    if p["interp"]:
+    if n_split == 0:  # k == 0: y = b_out (or 0); the reduction below sums no partial row
+        pass
+    elif p["interp"]:
         launch(_sparse_ffn_kernel)[grid_main](*args, **meta, BLOCK_K=_INTERP_BLOCK_K,
                                               BLOCK_D=_INTERP_BLOCK_D)
-        reduce_block = 64
     else:
         launch(_TUNED[p["BLOCK_T"]])[grid_main](*args, **meta)
-        reduce_block = _REDUCE_BLOCK_D
+    reduce_block = 64 if p["interp"] else _REDUCE_BLOCK_D
     launch(_sparse_ffn_reduce_kernel)[(B * T, cdiv(d, reduce_block))](
         part, bo if bo is not None else dummy, y, B * T, d, n_split,
         HAS_BO=bo is not None, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_D=reduce_block)
-    return y.squeeze(0) if squeeze else y
+    return y.reshape(shape)
 
 
 def sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,

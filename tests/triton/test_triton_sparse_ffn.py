@@ -27,14 +27,15 @@ def _weights(n, D, d, dtype, gen, device):
 
 
 # (B, T, d, D, k, idx batched, activation): k = D, k = 1, odd d, T = 1 and T > 1, token tiles
-# of 1, 4 and 16 (T = 17: the tl.dot path, two tiles), and k = D = 96 (one program walking six
-# 16-neuron blocks: the read-add-write of its partial row).
+# of 1, 4, 8 and 16 (T = 17: the tl.dot path, two tiles), k = D = 96 (one program walking six
+# 16-neuron blocks: the read-add-write of its partial row), a batch sharing one idx.
 GATED_CASES = [
     (1, 1, 37, 40, 40, False, "silu"),
     (1, 1, 37, 40, 1, False, "gelu_tanh"),
     (2, 3, 37, 40, 7, True, "gelu"),
     (1, 17, 21, 24, 13, False, "relu"),
     (2, 2, 19, 96, 96, True, "silu"),
+    (3, 2, 37, 40, 11, False, "gelu_tanh"),  # shared idx over a batch: folded into 6 tokens
 ]
 
 
@@ -57,7 +58,7 @@ def test_sparse_ffn_matches_oracle(case, dtype, device):
 MLP_CASES = [
     (1, 1, 37, 40, 40, False, "gelu", True),
     (2, 3, 37, 40, 5, True, "relu", True),
-    (1, 2, 37, 40, 1, False, "gelu_tanh", False),
+    (2, 2, 37, 40, 1, False, "gelu_tanh", False),
 ]
 
 
