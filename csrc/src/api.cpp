@@ -43,7 +43,9 @@ bool supported(glass_isa isa) {
 #if defined(GLASS_HAVE_AVX2)
     case GLASS_ISA_AVX2: return cpu_has_avx2();
 #endif
-#if defined(GLASS_HAVE_AVX512)
+#if defined(GLASS_HAVE_AVX512) && defined(GLASS_AVX512_EMULATED)
+    case GLASS_ISA_AVX512: return cpu_has_avx2();  // test build: AVX-512 emulated with SIMDe on AVX2
+#elif defined(GLASS_HAVE_AVX512)
     case GLASS_ISA_AVX512: return cpu_has_avx512();
 #endif
 #if defined(GLASS_HAVE_NEON)

@@ -26,12 +26,13 @@ struct Scratch {
   std::vector<uint32_t> key, key2;
   std::vector<int32_t> ord, ord2, rl, cand;
   std::vector<double> agg;
+  std::vector<uint64_t> bits;
   std::vector<uint8_t> keep;
   void resize(int64_t D) {
     size_t n = static_cast<size_t>(D);
     if (key.size() < n) {
       key.resize(n); key2.resize(n); ord.resize(n); ord2.resize(n); rl.resize(n); cand.resize(n);
-      agg.resize(n); keep.resize(n);
+      agg.resize(n); bits.resize(n); keep.resize(n);
     }
   }
 };
@@ -86,18 +87,36 @@ static void select_one(const float* s, int64_t D, const int32_t* rg, double lam,
     const double l = one_minus * static_cast<double>(rl[i]);
     a[i] = g + l;
   }
-  int32_t* cand = w.cand.data();
-  for (int64_t i = 0; i < D; ++i) cand[i] = static_cast<int32_t>(i);
-  if (k < D) {
-    // r^L is a permutation, so (a, r^L) is a strict total order: the k smallest are unique and the
-    // index tie rule is never needed here (it is already inside r^L).
-    std::nth_element(cand, cand + (k - 1), cand + D, [a, rl](int32_t i, int32_t j) {
-      return a[i] < a[j] || (a[i] == a[j] && rl[i] < rl[j]);
-    });
-  }
   uint8_t* keep = w.keep.data();
   std::memset(keep, 0, static_cast<size_t>(D));
-  for (int64_t j = 0; j < k; ++j) keep[cand[j]] = 1;
+  if (k == D) {
+    std::memset(keep, 1, static_cast<size_t>(D));
+  } else {
+    // a >= 0, so its IEEE bits order like its value: select the k-th smallest on plain uint64
+    // keys (contiguous, no indirection), then settle the ties at the threshold by r^L. r^L is a
+    // permutation, so (a, r^L) is a strict order and the set is unique.
+    uint64_t* bits = w.bits.data();
+    std::memcpy(bits, a, static_cast<size_t>(D) * 8);
+    std::nth_element(bits, bits + (k - 1), bits + D);
+    double thr;
+    std::memcpy(&thr, &bits[k - 1], 8);
+    int64_t taken = 0;
+    int32_t* tie = w.cand.data();
+    int64_t nties = 0;
+    for (int64_t i = 0; i < D; ++i) {
+      if (a[i] < thr) {
+        keep[i] = 1;
+        ++taken;
+      } else if (a[i] == thr) {
+        tie[nties++] = static_cast<int32_t>(i);
+      }
+    }
+    const int64_t need = k - taken;  // 1 <= need <= nties
+    if (need < nties)
+      std::nth_element(tie, tie + (need - 1), tie + nties,
+                       [rl](int32_t i, int32_t j) { return rl[i] < rl[j]; });
+    for (int64_t j = 0; j < need; ++j) keep[tie[j]] = 1;
+  }
   int64_t n = 0;
   for (int64_t i = 0; i < D; ++i)
     if (keep[i]) out[n++] = static_cast<int32_t>(i);

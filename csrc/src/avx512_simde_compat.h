@@ -1,0 +1,82 @@
+// Test-only: the AVX-512 intrinsics used by sparse_ffn_avx512.cpp that SIMDe 0.7 does not provide,
+// written element by element from Intel's intrinsics guide on top of SIMDe's types, so that the
+// emulated test build (GLASS_AVX512_EMULATED, csrc/tests) can run that file on a CPU without
+// AVX-512. Never part of a shipped build.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "internal.h"
+
+namespace glass {
+namespace emu512 {
+
+static inline simde__m512 maskz_loadu_ps(simde__mmask16 m, const void* p) {
+  float v[16] = {0};
+  const float* f = static_cast<const float*>(p);
+  for (int i = 0; i < 16; ++i)
+    if (m & (1u << i)) v[i] = f[i];  // masked-off lanes are never read
+  return simde_mm512_loadu_ps(v);
+}
+static inline void mask_storeu_ps(void* p, simde__mmask16 m, simde__m512 a) {
+  float v[16];
+  simde_mm512_storeu_ps(v, a);
+  float* f = static_cast<float*>(p);
+  for (int i = 0; i < 16; ++i)
+    if (m & (1u << i)) f[i] = v[i];
+}
+static inline simde__m256i maskz_loadu_epi16(simde__mmask16 m, const void* p) {
+  uint16_t v[16] = {0};
+  const uint16_t* h = static_cast<const uint16_t*>(p);
+  for (int i = 0; i < 16; ++i)
+    if (m & (1u << i)) v[i] = h[i];
+  return simde_mm256_loadu_si256(v);
+}
+static inline simde__m512i cvtepu16_epi32(simde__m256i a) {
+  uint16_t h[16];
+  uint32_t w[16];
+  simde_mm256_storeu_si256(h, a);
+  for (int i = 0; i < 16; ++i) w[i] = h[i];
+  return simde_mm512_loadu_si512(w);
+}
+static inline simde__m256i cvtepi32_epi16(simde__m512i a) {  // vpmovdw: truncation
+  uint32_t w[16];
+  uint16_t h[16];
+  simde_mm512_storeu_si512(w, a);
+  for (int i = 0; i < 16; ++i) h[i] = static_cast<uint16_t>(w[i]);
+  return simde_mm256_loadu_si256(h);
+}
+static inline simde__m512 cvtph_ps(simde__m256i a) {
+  uint16_t h[16];
+  float f[16];
+  simde_mm256_storeu_si256(h, a);
+  for (int i = 0; i < 16; ++i) f[i] = f16_to_f32(h[i]);
+  return simde_mm512_loadu_ps(f);
+}
+static inline simde__m256i cvtps_ph(simde__m512 a, int) {  // round to nearest even
+  float f[16];
+  uint16_t h[16];
+  simde_mm512_storeu_ps(f, a);
+  for (int i = 0; i < 16; ++i) h[i] = f32_to_f16(f[i]);
+  return simde_mm256_loadu_si256(h);
+}
+static inline float reduce_add_ps(simde__m512 a) {
+  float f[16];
+  simde_mm512_storeu_ps(f, a);
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += f[i];
+  return s;
+}
+
+}  // namespace emu512
+}  // namespace glass
+
+#define _mm512_maskz_loadu_ps glass::emu512::maskz_loadu_ps
+#define _mm512_mask_storeu_ps glass::emu512::mask_storeu_ps
+#define _mm256_maskz_loadu_epi16 glass::emu512::maskz_loadu_epi16
+#define _mm512_cvtepu16_epi32 glass::emu512::cvtepu16_epi32
+#define _mm512_cvtepi32_epi16 glass::emu512::cvtepi32_epi16
+#define _mm512_cvtph_ps glass::emu512::cvtph_ps
+#define _mm512_cvtps_ph glass::emu512::cvtps_ph
+#define _mm512_reduce_add_ps glass::emu512::reduce_add_ps
