@@ -4,6 +4,8 @@ Shapes are small and odd (d = 37 spans two masked BLOCK_D chunks of the interpre
 few: each interpreted launch costs tens to hundreds of ms on CPU.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -135,3 +137,23 @@ def test_through_ops_backend_switch(device):
     oracle = oracles.ffn(x, w_in, None, w_out_t, b_in, b_out, idx, "gelu", torch.float64)
     native = oracles.ffn(x, w_in, None, w_out_t, b_in, b_out, idx, "gelu", torch.bfloat16)
     oracles.check(y, oracle, native, "ops.sparse_mlp backend=triton")
+
+
+@pytest.mark.parametrize("block_k,block_d,T", [(16, 64, 1), (32, 128, 1), (16, 512, 3), (32, 64, 17)])
+def test_gpu_tile_sizes_under_interpreter(block_k, block_d, T, monkeypatch, device):
+    # The interpreter normally runs one small fixed tile; these are tiles of the GPU autotune lists
+    # (bcast_configs / DOT_CONFIGS), so the index arithmetic of the compiled configs is checked too.
+    if device.type == "cuda":
+        pytest.skip("on CUDA the autotuned configs themselves run in the tests above")
+    mod = sys.modules["glass_kernels.triton.sparse_ffn"]
+    monkeypatch.setattr(mod, "_INTERP_BLOCK_K", block_k)
+    monkeypatch.setattr(mod, "_INTERP_BLOCK_D", block_d)
+    gen = torch.Generator().manual_seed(block_k + block_d + T)
+    d, D, k = 200, 100, 70
+    x = torch.randn(1, T, d, generator=gen).to(torch.bfloat16)
+    w = _weights(3, D, d, torch.bfloat16, gen, device)
+    idx = _idx(1, D, k, False, gen, device)
+    y = triton_sparse_ffn(x, *w, idx, "silu")
+    oracle = oracles.ffn(x, *w, None, None, idx, "silu", torch.float64)
+    native = oracles.ffn(x, *w, None, None, idx, "silu", torch.bfloat16)
+    oracles.check(y, oracle, native, f"sparse_ffn tile ({block_k}, {block_d}) T={T}")
