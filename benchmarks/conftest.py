@@ -1,0 +1,82 @@
+"""Shared pytest-benchmark setup for the benchmark suites (kernels, end to end).
+
+Generic helpers only: machine description, thread control, a session-wide table of measured
+times (so a later case can report its ratio to an earlier baseline of the same run), and the
+quick-subset switch (GLASS_BENCH_QUICK=1, or `-m quick`).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: the small subset run by GLASS_BENCH_QUICK=1")
+
+
+def quick_mode() -> bool:
+    """GLASS_BENCH_QUICK=1 selects a small subset (about a minute) instead of the full matrix."""
+    return os.environ.get("GLASS_BENCH_QUICK", "0") not in ("", "0", "false", "no")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "torch": torch.__version__,
+    }
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    try:
+        import glass_kernels._C as _C  # the C++ core, if built
+
+        info["isa"] = _C.get_isa()
+        info["isas"] = ",".join(_C.supported_isas())
+    except ImportError:
+        info["isa"] = "none (extension not built)"
+    return info
+
+
+def set_threads(n: int) -> None:
+    """Same thread count for torch and for the C++ core."""
+    torch.set_num_threads(n)
+    try:
+        import glass_kernels._C as _C
+
+        _C.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def results() -> dict:
+    """Session-wide {key: median seconds}, filled by baselines, read by the cases after them."""
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    set_threads(n)
+
+
+def median_s(benchmark) -> float:
+    return float(benchmark.stats.stats.median)

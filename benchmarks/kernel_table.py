@@ -1,0 +1,66 @@
+"""Turns the JSON of `pytest benchmarks/test_kernels.py --benchmark-json=FILE` into the markdown
+tables of the README: per case the median time, GB/s, and the ratios to torch dense and to the
+torch compacted copy of the same run; then the bandwidth and selection-cost rows.
+
+    python benchmarks/kernel_table.py kernels.json [> table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.3f}" if s < 0.1 else f"{s * 1e3:.1f}"
+
+
+def tables(data: dict) -> str:
+    benches = data.get("benchmarks", [])
+    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse")]
+    other = [b for b in benches if b not in decode]
+    lines = []
+    if benches:
+        ei = benches[0]["extra_info"]
+        lines.append(f"Machine: {ei.get('cpu', '?')}, {ei.get('cores', '?')} cores, ISA "
+                     f"{ei.get('isa', '?')}, torch {ei.get('torch', '?')}; "
+                     f"{data.get('datetime', '')}")
+        loads = [b["extra_info"].get("loadavg_1m") for b in benches if "loadavg_1m" in b["extra_info"]]
+        if loads:
+            lines.append(f"Load average during the run (1 min): {min(loads):.1f} to {max(loads):.1f}")
+        lines.append("")
+    if decode:
+        lines += ["| d x D | dtype | threads | keep | impl | median ms | GB/s | x dense | x compact |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for b in decode:
+            e = b["extra_info"]
+            sd = e.get("speedup_vs_dense")
+            sc = e.get("speedup_vs_compact")
+            lines.append(
+                f"| {e['d']}x{e['D']} | {e['dtype']} | {e['threads']} | {e['keep']} | {e['impl']} | "
+                f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | "
+                f"{'' if sd is None else f'{sd:.2f}'} | {'' if sc is None else f'{sc:.2f}'} |")
+        lines.append("")
+    if other:
+        lines += ["| measurement | threads | median ms | GB/s | % of dense prefill |", "|---|---|---|---|---|"]
+        for b in other:
+            e = b["extra_info"]
+            pct = e.get("pct_of_dense_prefill", e.get("stats_plus_select_pct_of_prefill", ""))
+            lines.append(f"| {e.get('impl', b['name'])} | {e.get('threads', '')} | "
+                         f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="pytest-benchmark JSON file")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        data = json.load(f)
+    sys.stdout.write(tables(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
