@@ -1,0 +1,46 @@
+"""glass_kernels: sparse-FFN decoding kernels for GLASS (arXiv 2508.14302).
+
+Public API::
+
+    import glass_kernels
+    glass_kernels.ops.sparse_ffn / sparse_mlp / neuron_stats / select_neurons
+    with glass_kernels.backend("torch" | "cpp" | "triton" | "auto"): ...
+    glass_kernels.patch(model, GlassConfig(...)), unpatch, session, GlobalStats, calibrate, load_model
+
+``import glass_kernels`` needs only torch: the C++ extension and triton are loaded on first use,
+and the names backed by transformers-facing modules (patch, calibrate, ...) are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import backend, ops
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first attribute access (PEP 562)
+_LAZY = {
+    "patch": "glass_kernels.patch",
+    "unpatch": "glass_kernels.patch",
+    "GlassConfig": "glass_kernels.patch",
+    "session": "glass_kernels.patch",
+    "GlobalStats": "glass_kernels.stats",
+    "calibrate": "glass_kernels.calibrate",
+    "load_model": "glass_kernels.models",
+}
+
+__all__ = ["ops", "backend", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'glass_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,531 @@
+"""The GLASS ops: validated public wrappers over ``torch.library`` custom ops in namespace ``glass``.
+
+Public contract (issue 2, docs/architecture.md)::
+
+    y   = ops.sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation="silu")
+    y   = ops.sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation="gelu")
+    s   = ops.neuron_stats(h, down_norms=None, mask=None, out=None)
+    idx = ops.select_neurons(local, global_rank, lam, k)
+
+Registered ops (each with a fake implementation, so ``torch.compile(fullgraph=True)`` traces them):
+``glass::sparse_ffn``, ``glass::sparse_mlp``, ``glass::neuron_stats`` (functional),
+``glass::neuron_stats_`` (adds into ``out``; a mutating op), ``glass::select_neurons``.
+
+Validation happens in the public wrappers, before any pointer reaches C++, and raises
+TypeError (wrong type / dtype), ValueError (shape, device, contiguity, value) or IndexError
+(idx out of [0, D)); every message names the argument. Checks that read tensor values
+(idx range, finite scores, rank range) run inside the op implementation, i.e. eagerly even
+under torch.compile, before the kernel is called.
+
+Contiguity: weights (w_*) must be contiguous [D, d] -- copying them per call would cost more
+than the op, so a non-contiguous weight is an error. Activations, idx, biases, masks, norms and
+scores are made contiguous (a copy only when they are not already).
+
+Fast path for the patch layer (validate once per prompt, call once per token)::
+
+    idx32 = ops.validate_sparse_ffn_operands(w_gate, w_up, w_down_t, idx, activation)
+    y = ops.sparse_ffn_prevalidated(x, w_gate, w_up, w_down_t, idx32, activation)   # per token
+
+The ``*_prevalidated`` functions check only x (dtype, device, last dim, rank, batch, contiguity:
+attribute reads that keep the C++ core from reading out of bounds) and call ``_C`` directly in
+eager mode on CPU (backend "auto" or "cpp"); under ``torch.compiler.is_compiling()``, for other
+devices or other backends they call the registered op.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext, reference
+from . import backend as _backend
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "sparse_ffn", "sparse_mlp", "neuron_stats", "select_neurons",
+    "validate_sparse_ffn_operands", "validate_sparse_mlp_operands",
+    "sparse_ffn_prevalidated", "sparse_mlp_prevalidated", "ACTIVATIONS",
+]
+
+ACTIVATIONS = reference.ACTIVATIONS
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_INTS = (torch.int32, torch.int64)
+_INT_LIKE = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers (shape / dtype / device checks need no tensor values: traceable)
+# ---------------------------------------------------------------------------------------------
+
+def _tensor(name: str, t) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _float_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _same(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+
+
+def _weight(name: str, w, ref_name: str, ref: Tensor | None, D: int | None, d: int | None) -> Tensor:
+    w = _tensor(name, w)
+    _float_dtype(name, w)
+    if ref is not None:
+        _same(name, w, ref_name, ref)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [D, d] (neuron-major), got shape {tuple(w.shape)}")
+    if D is not None and (w.shape[0] != D or w.shape[1] != d):
+        raise ValueError(f"{name} must have shape [D, d] = [{D}, {d}], got {tuple(w.shape)}")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"{name} must have D >= 1 and d >= 1, got shape {tuple(w.shape)}")
+    if not w.is_contiguous():
+        raise ValueError(f"{name} must be contiguous [D, d] (weights are never copied per call); "
+                         "pass .contiguous() once, outside the decode loop")
+    return w
+
+
+def _activation(activation) -> str:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+def _idx_checked(idx, D: int, ref: Tensor) -> Tensor:
+    """idx [k] or [B, k], int32/int64, on ref's device; returned int32 contiguous (range checked
+    here on int64 input before narrowing, and on int32 in the op)."""
+    idx = _tensor("idx", idx)
+    if idx.dtype not in _INTS:
+        raise TypeError(f"idx must be an int32 or int64 tensor, got {idx.dtype}")
+    if idx.device != ref.device:
+        raise ValueError(f"idx is on {idx.device} but the weights are on {ref.device}")
+    if idx.dim() not in (1, 2):
+        raise ValueError(f"idx must have shape [k] or [B, k], got {tuple(idx.shape)}")
+    if idx.shape[-1] < 1:
+        raise ValueError(f"idx must select at least one neuron (k >= 1), got shape {tuple(idx.shape)}")
+    if idx.dtype == torch.int64:
+        if not torch.compiler.is_compiling():
+            _idx_values(idx, D)  # before narrowing: int64 values >= 2**31 would wrap
+        idx = idx.to(torch.int32)
+    return idx.contiguous()
+
+
+def _idx_values(idx: Tensor, D: int) -> None:
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= D:
+        raise IndexError(f"idx values must be in [0, D) = [0, {D}), got min {lo}, max {hi}")
+
+
+def _x_checked(x, ref: Tensor, d: int, idx: Tensor) -> Tensor:
+    x = _tensor("x", x)
+    _float_dtype("x", x)
+    if x.dtype != ref.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the weights have {ref.dtype}; they must match")
+    if x.device != ref.device:
+        raise ValueError(f"x is on {x.device} but the weights are on {ref.device}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape [T, d] or [B, T, d], got {tuple(x.shape)}")
+    if x.shape[-1] != d:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but the weights have d = {d}")
+    B = x.shape[0] if x.dim() == 3 else 1
+    if idx.dim() == 2 and idx.shape[0] != B:
+        raise ValueError(f"idx has {idx.shape[0]} rows ([B, k]) but x has batch B = {B}")
+    return x.contiguous()
+
+
+def _bias(name: str, b, n: int, ref: Tensor) -> Tensor | None:
+    if b is None:
+        return None
+    b = _tensor(name, b)
+    _float_dtype(name, b)
+    _same(name, b, "the weights", ref)
+    if b.dim() != 1 or b.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(b.shape)}")
+    return b.contiguous()
+
+
+def validate_sparse_ffn_operands(w_gate, w_up, w_down_t, idx, activation="silu") -> Tensor:
+    """Check the per-prompt operands of sparse_ffn once; returns idx as int32 contiguous.
+
+    Includes the idx range check (one min/max), so ``sparse_ffn_prevalidated`` can skip it.
+    """
+    _ext.load()  # so the prevalidated fast path finds _C without a per-call load
+    w_gate = _weight("w_gate", w_gate, "", None, None, None)
+    D, d = w_gate.shape
+    _weight("w_up", w_up, "w_gate", w_gate, D, d)
+    _weight("w_down_t", w_down_t, "w_gate", w_gate, D, d)
+    _activation(activation)
+    idx = _idx_checked(idx, D, w_gate)
+    if idx.dtype == torch.int32 and not torch.compiler.is_compiling():
+        _idx_values(idx, D)
+    return idx
+
+
+def validate_sparse_mlp_operands(w_in, b_in, w_out_t, b_out, idx, activation="gelu") -> Tensor:
+    """Check the per-prompt operands of sparse_mlp once; returns idx as int32 contiguous.
+
+    Biases must already be contiguous for the prevalidated path (they are: [D] and [d] parameters).
+    """
+    _ext.load()
+    w_in = _weight("w_in", w_in, "", None, None, None)
+    D, d = w_in.shape
+    _weight("w_out_t", w_out_t, "w_in", w_in, D, d)
+    for name, b, n in (("b_in", b_in, D), ("b_out", b_out, d)):
+        b = _bias(name, b, n, w_in)
+        if b is not None and not b.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    _activation(activation)
+    idx = _idx_checked(idx, D, w_in)
+    if not torch.compiler.is_compiling():
+        _idx_values(idx, D)
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations per backend (inputs validated; called from the registered ops)
+# ---------------------------------------------------------------------------------------------
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
+                    activation: str) -> Tensor:
+    C = _ext._C
+    _ext.sync_threads(C)
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    B = x.shape[0] if x.dim() == 3 else 1
+    T = x.shape[-2]
+    if B * T == 0:
+        return y
+    C.sparse_ffn(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
+                 w_up.data_ptr(), w_down_t.data_ptr(), w_gate.shape[0], idx.data_ptr(),
+                 idx.shape[-1], idx.dim() == 2, y.data_ptr())
+    return y
+
+
+def _cpp_sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_out: Tensor | None,
+                    idx: Tensor, activation: str) -> Tensor:
+    C = _ext._C
+    _ext.sync_threads(C)
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    B = x.shape[0] if x.dim() == 3 else 1
+    T = x.shape[-2]
+    if B * T == 0:
+        return y
+    C.sparse_mlp(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(), _ptr(b_in),
+                 w_out_t.data_ptr(), _ptr(b_out), w_in.shape[0], idx.data_ptr(), idx.shape[-1],
+                 idx.dim() == 2, y.data_ptr())
+    return y
+
+
+def _neuron_stats_into(h: Tensor, down_norms: Tensor | None, mask: Tensor | None, out: Tensor) -> None:
+    """Add the statistic of h [B, T, D] into out fp32 [B, D] with the resolved backend."""
+    which = _backend.resolve(h.device)
+    B, T, D = h.shape
+    if which == "cpp":
+        C = _ext._C
+        _ext.sync_threads(C)
+        if B * T > 0:
+            C.neuron_stats(_DTYPE_NAME[h.dtype], h.data_ptr(), B, T, D, _ptr(down_norms), _ptr(mask),
+                           out.data_ptr())
+    elif which == "triton":
+        _backend.triton_module().neuron_stats_(h, down_norms, mask, out)
+    else:
+        reference.neuron_stats(h, down_norms, mask, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# registered ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("glass::sparse_ffn", mutates_args=())
+def _sparse_ffn_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
+                   activation: str) -> Tensor:
+    _idx_values(idx, w_gate.shape[0])
+    which = _backend.resolve(x.device)
+    if which == "cpp":
+        return _cpp_sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation)
+    if which == "triton":
+        return _backend.triton_module().sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation)
+    return reference.sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation)
+
+
+@_sparse_ffn_op.register_fake
+def _(x, w_gate, w_up, w_down_t, idx, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("glass::sparse_mlp", mutates_args=())
+def _sparse_mlp_op(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: Tensor, b_out: Optional[Tensor],
+                   idx: Tensor, activation: str) -> Tensor:
+    _idx_values(idx, w_in.shape[0])
+    which = _backend.resolve(x.device)
+    if which == "cpp":
+        return _cpp_sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation)
+    if which == "triton":
+        return _backend.triton_module().sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation)
+    return reference.sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation)
+
+
+@_sparse_mlp_op.register_fake
+def _(x, w_in, b_in, w_out_t, b_out, idx, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("glass::neuron_stats", mutates_args=())
+def _neuron_stats_op(h: Tensor, down_norms: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    out = torch.zeros((h.shape[0], h.shape[2]), dtype=torch.float32, device=h.device)
+    _neuron_stats_into(h, down_norms, mask, out)
+    return out
+
+
+@_neuron_stats_op.register_fake
+def _(h, down_norms, mask):
+    return h.new_empty((h.shape[0], h.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("glass::neuron_stats_", mutates_args=("out",))
+def _neuron_stats_acc_op(h: Tensor, down_norms: Optional[Tensor], mask: Optional[Tensor], out: Tensor) -> None:
+    _neuron_stats_into(h, down_norms, mask, out)
+
+
+@_neuron_stats_acc_op.register_fake
+def _(h, down_norms, mask, out):
+    return None
+
+
+@torch.library.custom_op("glass::select_neurons", mutates_args=())
+def _select_neurons_op(local: Tensor, global_rank: Tensor, lam: float, k: int) -> Tensor:
+    B, D = local.shape
+    if B > 0 and not bool(torch.isfinite(local).all()):
+        raise ValueError("local scores must be finite (found NaN or inf)")
+    lo, hi = torch.aminmax(global_rank)
+    if int(lo) < 1 or int(hi) > D:
+        raise ValueError(f"global_rank values must be ranks in [1, D] = [1, {D}], got min {int(lo)}, max {int(hi)}")
+    which = _backend.resolve(local.device)
+    if which == "cpp":
+        C = _ext._C
+        _ext.sync_threads(C)
+        out = torch.empty((B, k), dtype=torch.int32, device=local.device)
+        if B > 0:
+            C.select_neurons(local.data_ptr(), B, D, global_rank.data_ptr(), float(lam), k, out.data_ptr())
+        return out
+    if which == "triton":
+        return _backend.triton_module().select_neurons(local, global_rank, lam, k)
+    return reference.select_neurons(local, global_rank, lam, k)
+
+
+@_select_neurons_op.register_fake
+def _(local, global_rank, lam, k):
+    return local.new_empty((local.shape[0], k), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# public wrappers
+# ---------------------------------------------------------------------------------------------
+
+def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
+               activation: str = "silu") -> Tensor:
+    """Gated sparse FFN: y[b,t] = sum_{i in idx_b} act(W_gate[i].x) * (W_up[i].x) * W_down_t[i].
+
+    x [T, d] or [B, T, d]; w_gate, w_up, w_down_t contiguous [D, d] (w_down_t = W_down.T);
+    idx int32/int64 [k] (shared) or [B, k] (per sequence), values in [0, D); activation in
+    "silu" | "gelu_tanh" | "gelu" | "relu". Returns y with x's shape and dtype (fp32 accumulation).
+    """
+    w_gate = _weight("w_gate", w_gate, "", None, None, None)
+    D, d = w_gate.shape
+    _weight("w_up", w_up, "w_gate", w_gate, D, d)
+    _weight("w_down_t", w_down_t, "w_gate", w_gate, D, d)
+    _activation(activation)
+    idx = _idx_checked(idx, D, w_gate)
+    x = _x_checked(x, w_gate, d, idx)
+    return torch.ops.glass.sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation)
+
+
+def sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_out: Tensor | None,
+               idx: Tensor, activation: str = "gelu") -> Tensor:
+    """Non-gated sparse MLP (OPT, GPT-2): y[b,t] = sum_{i in idx_b} act(W_in[i].x + b_in[i]) * W_out_t[i] + b_out.
+
+    w_in, w_out_t contiguous [D, d]; b_in [D] and b_out [d] or None; otherwise as ``sparse_ffn``.
+    """
+    w_in = _weight("w_in", w_in, "", None, None, None)
+    D, d = w_in.shape
+    _weight("w_out_t", w_out_t, "w_in", w_in, D, d)
+    b_in = _bias("b_in", b_in, D, w_in)
+    b_out = _bias("b_out", b_out, d, w_in)
+    _activation(activation)
+    idx = _idx_checked(idx, D, w_in)
+    x = _x_checked(x, w_in, d, idx)
+    return torch.ops.glass.sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation)
+
+
+def neuron_stats(h: Tensor, down_norms: Tensor | None = None, mask: Tensor | None = None,
+                 out: Tensor | None = None) -> Tensor:
+    """Per-neuron sum of squares of per-token-normalised activations (GRIFFIN's statistic, squared).
+
+    h [B, T, D] (or [T, D], read as B = 1) float32/float16/bfloat16; down_norms [D] (any float
+    dtype, used as fp32) gives the impact form; mask [B, T] (bool or integer, nonzero = count the
+    token) excludes padding; out fp32 [B, D] contiguous, added into and returned when given,
+    else a new fp32 [B, D] tensor is returned.
+    """
+    h = _tensor("h", h)
+    _float_dtype("h", h)
+    if h.dim() == 2:
+        h = h.unsqueeze(0)
+    if h.dim() != 3:
+        raise ValueError(f"h must have shape [B, T, D] (or [T, D]), got {tuple(h.shape)}")
+    B, T, D = h.shape
+    if D < 1:
+        raise ValueError(f"h must have D >= 1, got shape {tuple(h.shape)}")
+    h = h.contiguous()
+    if down_norms is not None:
+        down_norms = _tensor("down_norms", down_norms)
+        if not down_norms.is_floating_point():
+            raise TypeError(f"down_norms must be a floating tensor, got {down_norms.dtype}")
+        if down_norms.device != h.device:
+            raise ValueError(f"down_norms is on {down_norms.device} but h is on {h.device}")
+        if down_norms.dim() != 1 or down_norms.shape[0] != D:
+            raise ValueError(f"down_norms must have shape [D] = [{D}], got {tuple(down_norms.shape)}")
+        down_norms = down_norms.to(torch.float32).contiguous()
+    if mask is not None:
+        mask = _tensor("mask", mask)
+        if mask.dtype != torch.bool and mask.dtype not in _INT_LIKE:
+            raise TypeError(f"mask must be a bool or integer tensor, got {mask.dtype}")
+        if mask.device != h.device:
+            raise ValueError(f"mask is on {mask.device} but h is on {h.device}")
+        if tuple(mask.shape) != (B, T) and not (mask.dim() == 1 and mask.shape[0] == T and B == 1):
+            raise ValueError(f"mask must have shape [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
+        # nonzero -> 1 (a plain cast would wrap e.g. 256 to 0)
+        mask = (mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0).to(torch.uint8)
+        mask = mask.reshape(B, T).contiguous()
+    if out is None:
+        return torch.ops.glass.neuron_stats(h, down_norms, mask)
+    out = _tensor("out", out)
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32, got {out.dtype}")
+    if out.device != h.device:
+        raise ValueError(f"out is on {out.device} but h is on {h.device}")
+    if tuple(out.shape) != (B, D):
+        raise ValueError(f"out must have shape [B, D] = [{B}, {D}], got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is accumulated into in place)")
+    torch.ops.glass.neuron_stats_(h, down_norms, mask, out)
+    return out
+
+
+def select_neurons(local: Tensor, global_rank: Tensor, lam: float, k: int) -> Tensor:
+    """GLASS selection: the k neurons with the smallest lam * r^G + (1 - lam) * r^L, int32 sorted ascending.
+
+    local [B, D] (or [D]) scores, any float dtype, used as fp32, must be finite; global_rank [D]
+    integer ranks in [1, D] (1 = most important); lam in [0, 1]; k in [1, D]. Ties: better
+    local rank, then lower index. Returns int32 [B, k] (or [k] for 1-D local).
+    """
+    local = _tensor("local", local)
+    if not local.is_floating_point():
+        raise TypeError(f"local must be a floating tensor of scores, got {local.dtype}")
+    squeeze = local.dim() == 1
+    if squeeze:
+        local = local.unsqueeze(0)
+    if local.dim() != 2:
+        raise ValueError(f"local must have shape [B, D] or [D], got {tuple(local.shape)}")
+    D = local.shape[1]
+    if D < 1:
+        raise ValueError(f"local must have D >= 1, got shape {tuple(local.shape)}")
+    global_rank = _tensor("global_rank", global_rank)
+    if global_rank.dtype not in _INT_LIKE:
+        raise TypeError(f"global_rank must be an integer tensor of ranks, got {global_rank.dtype}")
+    if global_rank.device != local.device:
+        raise ValueError(f"global_rank is on {global_rank.device} but local is on {local.device}")
+    if global_rank.dim() != 1 or global_rank.shape[0] != D:
+        raise ValueError(f"global_rank must have shape [D] = [{D}], got {tuple(global_rank.shape)}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a float in [0, 1], got {type(lam).__name__}")
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:  # also rejects NaN
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int in [1, D], got {type(k).__name__}")
+    if not 1 <= k <= D:
+        raise ValueError(f"k must be in [1, D] = [1, {D}], got {k}")
+    local = local.to(torch.float32).contiguous()
+    global_rank = global_rank.to(torch.int32).contiguous()
+    idx = torch.ops.glass.select_neurons(local, global_rank, lam, k)
+    return idx[0] if squeeze else idx
+
+
+# ---------------------------------------------------------------------------------------------
+# fast path for the patch layer
+# ---------------------------------------------------------------------------------------------
+
+def _x_fast(x: Tensor, w: Tensor, idx: Tensor) -> tuple[int, int]:
+    """Attribute-only checks of x that keep the core in bounds; returns (B, T)."""
+    if x.dtype != w.dtype or x.device != w.device or x.shape[-1] != w.shape[1] or not x.is_contiguous():
+        _x_checked(x, w, w.shape[1], idx)  # raises the precise error
+        raise ValueError("x must be contiguous for the prevalidated path")
+    if x.dim() == 3:
+        B, T = x.shape[0], x.shape[1]
+    elif x.dim() == 2:
+        B, T = 1, x.shape[0]
+    else:
+        raise ValueError(f"x must have shape [T, d] or [B, T, d], got {tuple(x.shape)}")
+    if idx.dim() == 2 and idx.shape[0] != B:
+        raise ValueError(f"idx has {idx.shape[0]} rows ([B, k]) but x has batch B = {B}")
+    return B, T
+
+
+def _fast_cpp_ok(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and _ext._C is not None and _backend._current.get() in ("auto", "cpp")
+            and not torch.compiler.is_compiling())
+
+
+def sparse_ffn_prevalidated(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
+                            activation: str) -> Tensor:
+    """``sparse_ffn`` for operands already checked by ``validate_sparse_ffn_operands``.
+
+    idx must be the int32 contiguous tensor that function returned. Only x is checked (cheap
+    attribute reads). Eager CPU with the extension: calls ``_C`` directly; otherwise the op.
+    """
+    if _fast_cpp_ok(x):
+        B, T = _x_fast(x, w_gate, idx)
+        C = _ext._C
+        _ext.sync_threads(C)
+        y = torch.empty_like(x)
+        if B * T:
+            C.sparse_ffn(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, x.shape[-1], w_gate.data_ptr(),
+                         w_up.data_ptr(), w_down_t.data_ptr(), w_gate.shape[0], idx.data_ptr(), idx.shape[-1],
+                         idx.dim() == 2, y.data_ptr())
+        return y
+    return torch.ops.glass.sparse_ffn(x.contiguous(), w_gate, w_up, w_down_t, idx, activation)
+
+
+def sparse_mlp_prevalidated(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_out: Tensor | None,
+                            idx: Tensor, activation: str) -> Tensor:
+    """``sparse_mlp`` for operands already checked by ``validate_sparse_mlp_operands`` (see above)."""
+    if _fast_cpp_ok(x):
+        B, T = _x_fast(x, w_in, idx)
+        C = _ext._C
+        _ext.sync_threads(C)
+        y = torch.empty_like(x)
+        if B * T:
+            C.sparse_mlp(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, x.shape[-1], w_in.data_ptr(),
+                         _ptr(b_in), w_out_t.data_ptr(), _ptr(b_out), w_in.shape[0], idx.data_ptr(),
+                         idx.shape[-1], idx.dim() == 2, y.data_ptr())
+        return y
+    return torch.ops.glass.sparse_mlp(x.contiguous(), w_in, b_in, w_out_t, b_out, idx, activation)
