@@ -40,6 +40,7 @@ def test_bench_sparse_ffn_smoke(tmp_path):
 def test_bench_e2e_llama_smoke():
     # needs the ops layer (issue 2) for the patched model's "triton" backend
     pytest.importorskip("glass_kernels.backend", reason="glass_kernels.backend (issue 2) not present yet")
+    pytest.importorskip("glass_kernels.ops", reason="glass_kernels.ops (issue 2) not present yet")
     pytest.importorskip("transformers")
     r = _run("bench_e2e_llama.py", "--smoke")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
