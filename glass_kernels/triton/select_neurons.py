@@ -59,7 +59,9 @@ def select_neurons(local: torch.Tensor, global_rank: torch.Tensor, lam: float, k
     B, D = local2.shape
     lam = float(lam)
     order = torch.sort(local2, dim=1, descending=True, stable=True).indices
-    coef = torch.tensor([lam, 1.0 - lam], dtype=torch.float64, device=local.device)
+    # two fill kernels rather than torch.tensor(...): no host-to-device copy, so CUDA-graph safe
+    coef = torch.full((2,), lam, dtype=torch.float64, device=local.device)
+    coef[1].fill_(1.0 - lam)
     a = torch.empty((B, D), dtype=torch.float64, device=local.device)
     block = 64 if interpreting() or local.device.type != "cuda" else 1024
     launch(_select_neurons_kernel)[(B, cdiv(D, block))](
