@@ -20,14 +20,11 @@ attribute ``glass_kernels.backend`` is this submodule once it is imported.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import importlib
 import logging
 import sys
 import types
-from typing import Iterator
-
 import torch
 
 from . import _ext
@@ -64,14 +61,19 @@ def reset(token: contextvars.Token) -> None:
     _current.reset(token)
 
 
-@contextlib.contextmanager
-def backend(name: str) -> Iterator[str]:
-    """Context manager forcing ``name`` for the ops called inside it."""
-    token = _current.set(_check(name))
-    try:
-        yield name
-    finally:
-        _current.reset(token)
+class backend:  # noqa: N801 - used like a function: ``with backend("torch"):``
+    """Context manager forcing ``name`` for the ops called inside it (the name is checked at once)."""
+
+    def __init__(self, name: str):
+        self.name = _check(name)
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> str:
+        self._tokens.append(_current.set(self.name))
+        return self.name
+
+    def __exit__(self, *exc) -> None:
+        _current.reset(self._tokens.pop())
 
 
 def triton_module():
