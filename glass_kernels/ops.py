@@ -491,8 +491,9 @@ def _x_fast(x: Tensor, w: Tensor, idx: Tensor) -> tuple[int, int]:
 
 
 def _fast_cpp_ok(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and _ext._C is not None and _backend._current.get() in ("auto", "cpp")
-            and not torch.compiler.is_compiling())
+    # is_compiling() first: dynamo folds it to True and never traces the contextvar read
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and _ext._C is not None
+            and _backend._current.get() in ("auto", "cpp"))
 
 
 def sparse_ffn_prevalidated(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
