@@ -48,24 +48,31 @@ static void local_ranks(const float* s, int64_t D, Scratch& w) {
     k0[i] = desc_key(s[i]);
     o0[i] = static_cast<int32_t>(i);
   }
+  // The three digit histograms in one read pass (not one per pass).
+  uint32_t cnt[3][2048];
+  std::memset(cnt, 0, sizeof(cnt));
+  for (int64_t i = 0; i < D; ++i) {
+    const uint32_t kk = k0[i];
+    ++cnt[0][kk & 2047u];
+    ++cnt[1][(kk >> 11) & 2047u];
+    ++cnt[2][kk >> 22];
+  }
   for (int pass = 0; pass < 3; ++pass) {
     const int shift = pass * 11;
-    uint32_t cnt[2048];
-    std::memset(cnt, 0, sizeof(cnt));
-    for (int64_t i = 0; i < D; ++i) ++cnt[(k0[i] >> shift) & 2047u];
-    // Skip a pass where every key has the same digit (common: small non-negative scores).
+    uint32_t* c = cnt[pass];
+    // Skip a pass where every key has the same digit (common: the top bits of similar scores).
     bool trivial = false;
     for (int b = 0; b < 2048; ++b)
-      if (cnt[b]) { trivial = cnt[b] == static_cast<uint32_t>(D); break; }
+      if (c[b]) { trivial = c[b] == static_cast<uint32_t>(D); break; }
     if (trivial) continue;
     uint32_t sum = 0;
     for (int b = 0; b < 2048; ++b) {
-      uint32_t c = cnt[b];
-      cnt[b] = sum;
-      sum += c;
+      const uint32_t n = c[b];
+      c[b] = sum;
+      sum += n;
     }
     for (int64_t i = 0; i < D; ++i) {
-      uint32_t p = cnt[(k0[i] >> shift) & 2047u]++;
+      const uint32_t p = c[(k0[i] >> shift) & 2047u]++;
       k1[p] = k0[i];
       o1[p] = o0[i];
     }
