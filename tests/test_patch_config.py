@@ -130,3 +130,14 @@ def test_failed_install_leaves_model_untouched(monkeypatch):
     assert "Glass" not in repr(model)
     after = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
     assert {n: s for n, (_, s) in after.items()} == {n: s for n, (_, s) in before.items()}
+
+
+def test_top_level_api():
+    import glass_kernels
+    import glass_kernels.patch as patch_pkg  # binds the package to glass_kernels.patch
+
+    model = tm.build("llama")
+    assert glass_kernels.patch(model, glass_kernels.GlassConfig(method="griffin"), keep=0.25) is model
+    assert patch_pkg.is_patched(model) and glass_kernels.session(model).config.keep == 0.25
+    glass_kernels.unpatch(model)
+    assert not patch_pkg.is_patched(model)

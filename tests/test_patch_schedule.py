@@ -7,9 +7,6 @@ import pytest
 import torch
 
 import tiny_models as tm
-
-# TRANSITIONAL: glass_kernels.ops is being written in parallel; these tests run its ops.
-pytest.importorskip("glass_kernels.ops", reason="glass_kernels.ops does not exist yet")
 from glass_kernels.patch import patch, session, unpatch
 
 K = int(0.5 * tm.D_FF)

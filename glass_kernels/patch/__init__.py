@@ -4,6 +4,9 @@ See ``api.patch`` for usage and memory, ``schedule`` for the prompt/decode sched
 and ``families`` for the supported FFN classes.
 """
 
+import sys as _sys
+import types as _types
+
 from .api import is_patched, patch, session, unpatch
 from .config import DEFAULT_LAMBDA, METHODS, GlassConfig
 from .modules import GlassFFN
@@ -35,3 +38,15 @@ __all__ = [
     "supported_classes",
     "unpatch",
 ]
+
+
+# ``glass_kernels.patch`` names both this package and the function: importing the package (as
+# ``glass_kernels.stats`` does) binds the package to ``glass_kernels.patch``, which would shadow
+# the function. Calling the package calls the function, so ``glass_kernels.patch(model, ...)``
+# works whichever got bound (the same device as ``glass_kernels.backend``).
+class _CallablePackage(_types.ModuleType):
+    def __call__(self, model, config=None, stats=None, **kwargs):
+        return patch(model, config, stats, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage

@@ -167,15 +167,15 @@ class GlassState:
 
     def _enter_backend(self) -> None:
         if self.config.backend != "auto":
-            from ..backend import backend as _backend_cm  # the ops' contextvar
+            from .. import backend as _backend  # the ops' contextvar
 
-            cm = _backend_cm(self.config.backend)
-            cm.__enter__()
-            self._backend_tokens.append(cm)
+            self._backend_tokens.append(_backend.set(self.config.backend))
 
     def _exit_backend(self) -> None:
         if self._backend_tokens:
-            self._backend_tokens.pop().__exit__(None, None, None)
+            from .. import backend as _backend
+
+            _backend.reset(self._backend_tokens.pop())
 
     def _check_batch(self, B: int) -> None:
         if self.seq_batch and B != self.seq_batch:
@@ -323,11 +323,13 @@ class GlassState:
             if idx.shape[0] == 1:
                 idx = idx[0]  # one set shared by every row (any batch size)
             idx = idx.to(operands[0].device).contiguous()
+            # validate_* check every operand and the idx range once, and return the int32
+            # contiguous idx that the prevalidated (per-token) functions require.
             if h.kind == "gated":
-                ops.validate_sparse_ffn_operands(*operands, idx, h.activation)
+                idx = ops.validate_sparse_ffn_operands(*operands, idx, h.activation)
                 fn = ops.sparse_ffn_prevalidated
             else:
-                ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
+                idx = ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
                 fn = ops.sparse_mlp_prevalidated
             calls.append((fn, operands, idx, h.activation))
         self._calls = calls
@@ -335,9 +337,9 @@ class GlassState:
     def sparse_forward(self, layer: int, x: torch.Tensor, flattens: bool) -> torch.Tensor:
         fn, operands, idx, act = self._calls[layer]
         if flattens:  # OPT hands the FFN [B*T, d]
-            y = fn(x.view(self.batch, -1, x.shape[-1]), *operands, idx, act)
+            y = fn(x.reshape(self.batch, -1, x.shape[-1]).contiguous(), *operands, idx, act)
             return y.view(x.shape)
-        return fn(x, *operands, idx, act)
+        return fn(x.contiguous(), *operands, idx, act)  # no copy when already contiguous
 
     # -- explicit sets --------------------------------------------------------------------------
     def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
