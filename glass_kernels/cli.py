@@ -480,7 +480,7 @@ def build_parser(argv_hint: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", default=None, help="output file (default: the CLI's stats cache)")
     c.add_argument("--num-sequences", type=_pos_int, default=None, help="default: 64 (nps) / all text")
     c.add_argument("--seq-len", type=_pos_int, default=256)
-    c.add_argument("--batch-size", type=_pos_int, default=16)
+    c.add_argument("--batch-size", type=_pos_int, default=32)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--nps-prompt", choices=("bos", "chat"), default="bos",
                    help="NPS prompt: BOS token only (default) or the empty chat prompt")

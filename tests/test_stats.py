@@ -285,18 +285,29 @@ def test_bare_stats_only_check_shapes(toy_sites):
         GlobalStats([torch.ones(41)] * 2, [torch.ones(41)] * 2).check_model(m)
 
 
-def test_real_registry_signature_if_available():
-    patch = pytest.importorskip("glass_kernels.patch", reason="glass_kernels.patch not written yet")
-    tiny = pytest.importorskip("tests.tiny_models", reason="tests/tiny_models.py not written yet")
-    builders = [getattr(tiny, n) for n in dir(tiny) if n.startswith("tiny_") and callable(getattr(tiny, n))]
-    if not builders:
-        pytest.skip("tests/tiny_models.py exposes no tiny_* builders")
-    model = builders[0]()
-    if isinstance(model, tuple):
-        model = model[0]
-    sites = patch.find_ffn_sites(model)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_registry_signature_survives_patching(family):
+    """With the patch layer's registry: metadata from the handlers, and the fingerprint is the same
+    before and after patching (W_down becomes neuron-major) and after unpatching."""
+    import tiny_models
+    import glass_kernels.patch as gp
+
+    model = tiny_models.build(family)
+    sites = gp.find_ffn_sites(model)
     sig = stats_mod.model_signature(model)
-    assert sig["num_layers"] == len(sites)
-    D = sig["D"]
-    s = GlobalStats.for_model(model, [torch.rand(n) for n in D], [torch.rand(n) for n in D])
-    s.check_model(model)
+    assert sig["num_layers"] == len(sites) == tiny_models.LAYERS
+    assert sig["d"] == [tiny_models.D_MODEL] * len(sites) and sig["D"] == [tiny_models.D_FF] * len(sites)
+    s = GlobalStats.for_model(model, [torch.rand(n) for n in sig["D"]], [torch.rand(n) for n in sig["D"]])
+    gp.patch(model, stats=s, method="a-glass", keep=0.5)
+    try:
+        assert stats_mod.model_signature(model)["fingerprint"] == sig["fingerprint"]
+        s.check_model(model)
+    finally:
+        gp.unpatch(model)
+    assert stats_mod.model_signature(model)["fingerprint"] == sig["fingerprint"]
+    other = tiny_models.build(family, seed=1)
+    with pytest.raises(StatsMismatchError, match="fingerprint"):
+        s.check_model(other)
