@@ -292,3 +292,39 @@ def test_torch_compile_decode_step():
         compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     del out
+
+
+def test_generate_chunked_prefill_and_continued_cache():
+    ids, mask = _left_pad([_ids(23, 1, 9)[0].tolist(), _ids(24, 1, 6)[0].tolist()])
+    model = tm.build("llama")
+    patch(model, method="griffin", keep=0.5)
+    with torch.no_grad():
+        one = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        sets_one = session(model).neurons()
+        chunked = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 prefill_chunk_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(session(model).neurons(), sets_one))
+    assert torch.equal(chunked, one)
+    assert "_prefill" in model.__dict__
+    unpatch(model)
+    assert "_prefill" not in model.__dict__
+
+    # a second turn on the same cache: its new prompt tokens add to the statistics
+    patch(model, method="griffin", keep=0.5)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache,
+                               return_dict_in_generate=True)
+        stats_first = session(model).local_stats()
+        turn = torch.cat([first.sequences, _ids(25, 2, 3)], dim=1)
+        turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        model.generate(turn, attention_mask=turn_mask, max_new_tokens=2, past_key_values=first.past_key_values)
+    assert session(model).phase == "decode"
+    grown = [b.sum(1) - a.sum(1) for a, b in zip(stats_first, session(model).local_stats())]
+    # each prompt token adds exactly 1 to sum_i (h_i / ||h||)^2; the second prefill feeds what the
+    # cache lacks: the first turn's last generated token and the 3 new ones
+    fed = turn.shape[1] - (first.sequences.shape[1] - 1)
+    for g in grown:
+        torch.testing.assert_close(g, torch.full((2,), float(fed)), rtol=1e-4, atol=1e-4)

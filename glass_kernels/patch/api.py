@@ -116,9 +116,32 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         # always_call: the backend context opened by the pre-hook is closed even if forward raises.
         model.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True),
     ]
+    _wrap_prefill(model, state)
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
     logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)
     return model
+
+
+def _wrap_prefill(model: nn.Module, state: GlassState) -> None:
+    """generate()'s prefill is a prompt, whatever the cache holds.
+
+    transformers 5.x runs the prompt through ``GenerationMixin._prefill``, which may feed it in
+    chunks (``prefill_chunk_size``) or continue a cache passed in (multi-turn): forwards with a
+    non-empty cache that are still prompt. An instance attribute (never the class) wraps it in
+    ``session(model).prompt()``; ``unpatch`` removes it.
+    """
+    orig = getattr(model, "_prefill", None)
+    if orig is None or "_prefill" in model.__dict__:
+        return
+
+    def _prefill(*args, **kwargs):
+        state.prompt_depth += 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            state.prompt_depth -= 1
+
+    model.__dict__["_prefill"] = _prefill
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -135,6 +158,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for ps in rec.relaid:
         for p in ps:
             restore_row_major(p)
+    model.__dict__.pop("_prefill", None)
     rec.state.reset()
     del model.__dict__[_ATTR]
     return model

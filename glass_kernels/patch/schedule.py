@@ -10,7 +10,11 @@ pre-hook (with kwargs) on the top-level model instance:
   (``ops.select_neurons``); from then on every forward (any number of tokens) runs
   ``sparse_ffn`` / ``sparse_mlp`` with them, until the next new sequence.
 * ``with session(model).prompt():`` marks forwards as prompt chunks: they keep accumulating even
-  with a non-empty cache (chunked prefill, or a further prompt turn after some decoding).
+  with a non-empty cache (chunked prefill, or a further prompt turn after some decoding: the new
+  tokens add to the statistics, and the sets are chosen again after them). ``generate()``'s own
+  prefill (``GenerationMixin._prefill``, also with ``prefill_chunk_size`` or a cache passed in)
+  runs inside it automatically.
+* Without a KV cache (``use_cache=False``) every forward is a new sequence, so it runs dense.
 
 Rows of a batch whose inputs (ids or embeddings, and mask) are identical in every prompt chunk
 share one neuron set: the beams / samples that ``generate()`` expands from one prompt get exactly
