@@ -48,3 +48,73 @@ def test_forced_scalar_path(cpp_build):
                          timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "(current scalar)" in res.stdout, res.stdout
+
+
+# ---- the pybind11 module glass_kernels._C (pointers as ints, errors as Python exceptions) ----
+
+def _ext():
+    try:
+        import glass_kernels._C as C
+    except ImportError as e:  # not built: the pure-torch reference backend is used instead
+        pytest.skip(f"glass_kernels._C is not built ({e})")
+    return C
+
+
+def test_ext_matches_torch_and_raises():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    C = _ext()
+    assert "scalar" in C.supported_isas()
+    assert C.get_isa() in C.supported_isas()
+    g = torch.Generator().manual_seed(0)
+    d, D, k = 37, 53, 11
+    x = torch.randn(2, 3, d, generator=g, dtype=torch.float64)
+    wg, wu, wdt = (torch.randn(D, d, generator=g, dtype=torch.float64) / d**0.5 for _ in range(3))
+    idx = torch.randperm(D, generator=g)[:k].to(torch.int32)
+    il = idx.long()
+    ref = (F.silu(x @ wg[il].T) * (x @ wu[il].T)) @ wdt[il]  # fp64 oracle
+    x32, g32, u32, d32 = (t.float().contiguous() for t in (x, wg, wu, wdt))
+    y = torch.empty_like(x32)
+    args = ("float32", "silu", x32.data_ptr(), 2, 3, d, g32.data_ptr(), u32.data_ptr(), d32.data_ptr(),
+            D, idx.data_ptr(), k, False, y.data_ptr())
+    C.sparse_ffn(*args)
+    # Tolerance from torch's own fp32 error on the same computation, x2 plus a small epsilon.
+    ref32 = (F.silu(x32 @ g32[il].T) * (x32 @ u32[il].T)) @ d32[il]
+    tol = 2 * (ref32.double() - ref).abs().max().item() + 1e-6
+    assert (y.double() - ref).abs().max().item() <= tol
+    bad = idx.clone()
+    bad[4] = D
+    with pytest.raises(IndexError, match=r"idx\[4\]"):
+        C.sparse_ffn(*args[:10], bad.data_ptr(), *args[11:])
+    with pytest.raises(ValueError, match="dtype"):
+        C.sparse_ffn("float64", *args[1:])
+    with pytest.raises(ValueError, match="activation"):
+        C.sparse_ffn("float32", "tanh", *args[2:])
+    with pytest.raises(ValueError, match="k = 0"):
+        C.sparse_ffn(*args[:11], 0, *args[12:])
+    with pytest.raises(ValueError, match="is NULL"):
+        C.sparse_ffn(*args[:2], 0, *args[3:])
+    local = torch.rand(1, D, generator=g)
+    rank = (torch.randperm(D, generator=g) + 1).to(torch.int32)
+    out = torch.empty(1, k, dtype=torch.int32)
+    with pytest.raises(ValueError, match="lam"):
+        C.select_neurons(local.data_ptr(), 1, D, rank.data_ptr(), 1.5, k, out.data_ptr())
+    C.select_neurons(local.data_ptr(), 1, D, rank.data_ptr(), 0.0, k, out.data_ptr())
+    assert torch.equal(out[0], local[0].topk(k).indices.sort().values.to(torch.int32))
+
+
+def test_ext_isa_and_threads():
+    C = _ext()
+    old_isa, old_n = C.get_isa(), C.get_num_threads()
+    try:
+        for isa in C.supported_isas():
+            C.set_isa(isa)
+            assert C.get_isa() == isa
+            assert C.kernel_name("bfloat16") == f"bf16_sparse_ffn__{isa}"
+        with pytest.raises(ValueError, match="isa"):
+            C.set_isa("sse9")
+        C.set_num_threads(3)
+        assert C.get_num_threads() == 3
+    finally:
+        C.set_isa(old_isa)
+        C.set_num_threads(old_n)
