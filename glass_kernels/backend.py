@@ -118,6 +118,14 @@ def resolve(device: torch.device, name: str | None = None) -> str:
     return "torch"
 
 
+def resolve_for(t: torch.Tensor) -> str:
+    """``resolve(t.device)`` with a fast path for CPU tensors under "auto" (the per-call case)."""
+    name = _current.get()
+    if name == "auto" and t.is_cpu:
+        return "cpp" if _ext.available() else "torch"
+    return resolve(t.device, name)
+
+
 class _CallableModule(types.ModuleType):
     def __call__(self, name: str):
         return backend(name)

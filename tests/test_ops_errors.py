@@ -216,3 +216,27 @@ def test_k_type():
 def test_backend_unknown_name():
     _raises(ValueError, "backend must be one of", glass_kernels.backend, "cuda")
     _raises(ValueError, "backend must be one of", glass_kernels.backend.set, "fast")
+
+
+def test_idx_rescanned_after_in_place_write():
+    """The range scan is remembered per idx tensor, but an in-place write invalidates it."""
+    x, wg, wu, wd, idx = _ffn()
+    ops.sparse_ffn(x, wg, wu, wd, idx)
+    idx[1] = D  # bumps the version counter
+    _raises(IndexError, "idx values", ops.sparse_ffn, x, wg, wu, wd, idx)
+    view = idx[:2]
+    idx[1] = 1
+    ops.sparse_ffn(x, wg, wu, wd, idx)
+    view[0] = -1  # a write through a view shares the counter
+    _raises(IndexError, "idx values", ops.sparse_ffn, x, wg, wu, wd, idx)
+    ops_idx = torch.tensor([0, 3], dtype=torch.int32)
+    ops.sparse_ffn(x[..., :d], wg, wu, wd, ops_idx)
+    _raises(IndexError, r"\[0, 3\)", ops.sparse_ffn, x, wg[:3], wu[:3], wd[:3], ops_idx)  # smaller D
+
+
+def test_idx_checked_under_inference_mode():
+    x, wg, wu, wd, idx = _ffn()
+    with torch.inference_mode():
+        bad = torch.tensor([0, D], dtype=torch.int32)
+        ops.sparse_ffn(x, wg, wu, wd, idx)
+        _raises(IndexError, "idx values", ops.sparse_ffn, x, wg, wu, wd, bad)
