@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-def test_smollm2_end_to_end():
+def test_smollm2_end_to_end(tmp_path):
     import glass_kernels.patch as gp
     from glass_kernels.calibrate import calibrate
     from glass_kernels.models import load_model
@@ -31,7 +31,8 @@ def test_smollm2_end_to_end():
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.inference_mode():
-        dense_cont = model.generate(ids, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+        # a fixed continuation (teacher forcing needs no generate() here: keeps the test short)
+        dense_cont = tok("The capital of France is Paris.", return_tensors="pt")["input_ids"]
         full = torch.cat([ids, dense_cont], 1)
         dense_logits = model(full).logits
 
@@ -51,12 +52,14 @@ def test_smollm2_end_to_end():
     tiny_models.assert_close_to_oracle(patched_logits, dense_logits, oracle, "keep=1.0 logits")
     assert torch.equal(patched_logits.argmax(-1), dense_logits.argmax(-1))
 
-    # stats survive a round trip and still match the model
-    gp.patch(model, stats=stats, method="a-glass", keep=0.5)
+    # the statistics survive a save/load round trip checked against the model, and drive keep 0.5
+    stats.save(tmp_path / "smollm2.safetensors")
+    loaded = GlobalStats.load(tmp_path / "smollm2.safetensors", model=model)
+    gp.patch(model, stats=loaded, method="a-glass", keep=0.5)
     try:
         with torch.inference_mode():
-            g = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[:, ids.shape[1]:]
-        assert g.shape == (1, 16) and bool(((g >= 0) & (g < model.config.vocab_size)).all())
+            g = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[:, ids.shape[1]:]
+        assert g.shape == (1, 8) and bool(((g >= 0) & (g < model.config.vocab_size)).all())
         sets = gp.session(model).neurons()
         assert len(sets) == 30 and all(s.shape[-1] == 768 for s in sets)
         text = tok.decode(g[0], skip_special_tokens=True)
