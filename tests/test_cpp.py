@@ -118,3 +118,34 @@ def test_ext_isa_and_threads():
     finally:
         C.set_isa(old_isa)
         C.set_num_threads(old_n)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_ext_after_fork():
+    # The core's thread pool must work in a forked child (DataLoader workers, servers): the child
+    # has none of the parent's helper threads and starts a fresh pool.
+    torch = pytest.importorskip("torch")
+    C = _ext()
+    old = C.get_num_threads()
+    C.set_num_threads(2)
+    try:
+        d, D = 64, 256
+        w = [torch.randn(D, d) for _ in range(3)]
+        x = torch.randn(1, 1, d)
+        idx = torch.arange(0, D, 2, dtype=torch.int32)
+        y = torch.empty_like(x)
+
+        def run():
+            C.sparse_ffn("float32", "relu", x.data_ptr(), 1, 1, d, w[0].data_ptr(), w[1].data_ptr(),
+                         w[2].data_ptr(), D, idx.data_ptr(), idx.numel(), False, y.data_ptr())
+            return y.clone()
+
+        parent = run()  # starts the pool in the parent
+        pid = os.fork()
+        if pid == 0:  # child: must not hang, must give the same bits
+            ok = torch.equal(run(), parent)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        C.set_num_threads(old)

@@ -41,10 +41,15 @@ static float token_norm(const W* h, const float* dn, int64_t D) {
 }
 
 template <class W>
-static void stats_impl(const W* h, int64_t B, int64_t T, int64_t D, const float* dn,
-                       const uint8_t* mask, float* out, int nthreads) {
+static glass_status stats_impl(const W* h, int64_t B, int64_t T, int64_t D, const float* dn,
+                               const uint8_t* mask, float* out, int nthreads) {
   thread_local std::vector<float> norms_buf;
-  if (norms_buf.size() < static_cast<size_t>(B * T)) norms_buf.resize(B * T);
+  try {
+    if (norms_buf.size() < static_cast<size_t>(B * T)) norms_buf.resize(B * T);
+  } catch (...) {
+    set_error("neuron_stats: cannot allocate the workspace (B*T = %lld)", static_cast<long long>(B * T));
+    return GLASS_ERR_INTERNAL;
+  }
   float* norms = norms_buf.data();
   // Pass 1: norms of the tokens that count (0 for masked-out tokens: they add nothing).
   parallel_for(B * T, nthreads, 8, [&](int64_t b0, int64_t b1) {
@@ -78,6 +83,7 @@ static void stats_impl(const W* h, int64_t B, int64_t T, int64_t D, const float*
       }
     }
   });
+  return GLASS_OK;
 }
 
 }  // namespace
@@ -87,16 +93,13 @@ glass_status neuron_stats_impl(glass_dtype dtype, const void* h, int64_t B, int6
                                int nthreads) {
   switch (dtype) {
     case GLASS_F32:
-      stats_impl(static_cast<const float*>(h), B, T, D, down_norms, mask, out, nthreads);
-      break;
+      return stats_impl(static_cast<const float*>(h), B, T, D, down_norms, mask, out, nthreads);
     case GLASS_F16:
-      stats_impl(static_cast<const f16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
-      break;
+      return stats_impl(static_cast<const f16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
     case GLASS_BF16:
-      stats_impl(static_cast<const bf16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
-      break;
+      return stats_impl(static_cast<const bf16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
   }
-  return GLASS_OK;
+  return GLASS_ERR_ARG;
 }
 
 }  // namespace glass

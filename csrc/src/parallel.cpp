@@ -12,6 +12,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #include "parallel.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -114,9 +118,19 @@ class Pool {
   int64_t n_ = 0;
 };
 
+// Never destroyed: helpers may outlive static destruction. After fork() the child has none of the
+// parent's helper threads (and maybe a held mutex): it starts over with a fresh, empty pool.
+std::atomic<Pool*> g_pool{nullptr};
+std::once_flag g_pool_once;
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: helpers may outlive static destruction order
-  return *p;
+  std::call_once(g_pool_once, [] {
+    g_pool.store(new Pool());
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(new Pool()); });
+#endif
+  });
+  return *g_pool.load();
 }
 
 }  // namespace

@@ -141,11 +141,21 @@ glass_status select_neurons_impl(const float* local, int64_t B, int64_t D,
                 static_cast<double>(local[i]));
       return GLASS_ERR_ARG;
     }
+  int failed = 0;
   parallel_for(B, nthreads, 1, [&](int64_t b0, int64_t b1) {
     thread_local Scratch w;
-    w.resize(D);
+    try {
+      w.resize(D);
+    } catch (...) {  // never let an exception cross a pool thread
+      __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+      return;
+    }
     for (int64_t b = b0; b < b1; ++b) select_one(local + b * D, D, global_rank, lam, k, out + b * k, w);
   });
+  if (failed) {
+    set_error("select_neurons: cannot allocate the workspace (D = %lld)", static_cast<long long>(D));
+    return GLASS_ERR_INTERNAL;
+  }
   return GLASS_OK;
 }
 
