@@ -36,6 +36,7 @@ devices or other backends they call the registered op.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -57,7 +58,6 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _INTS = (torch.int32, torch.int64)
 _INT_LIKE = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-_INT32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +99,22 @@ def _weight(name: str, w, ref_name: str, ref: Tensor | None, D: int | None, d: i
     return w
 
 
+def _weights_ok(ws) -> bool:
+    """Happy-path check of same-shape weights in one pass (~3x cheaper than the detailed checks,
+    which run only when this fails, to raise the precise error)."""
+    w0 = ws[0]
+    if not isinstance(w0, torch.Tensor):
+        return False
+    dt, sh, dev = w0.dtype, w0.shape, w0.device
+    if dt not in _FLOATS or len(sh) != 2 or sh[0] < 1 or sh[1] < 1 or not w0.is_contiguous():
+        return False
+    for w in ws[1:]:
+        if (not isinstance(w, torch.Tensor) or w.dtype != dt or w.shape != sh or not w.is_contiguous()
+                or w.device != dev):
+            return False
+    return True
+
+
 def _activation(activation) -> str:
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -127,31 +143,40 @@ def _idx_checked(idx, D: int, ref: Tensor) -> Tensor:
     return idx.contiguous()
 
 
-# idx tensors already scanned: tensor -> (version counter, max value). A decode loop that passes
-# the same idx every token pays the min/max scan (~9 us for k = 768 here) once. The version
-# counter changes with every in-place write, so a modified idx is scanned again. Inference
-# tensors have no version counter and are scanned every time.
-_scanned = torch.utils.weak.WeakIdKeyDictionary()
+# idx tensors already scanned: id(tensor) -> (weakref, version counter, max value). A decode loop
+# that passes the same idx every token pays the min/max scan (~9 us for k = 768 here) once. The
+# version counter changes with every in-place write (also through views), so a modified idx is
+# scanned again. Inference tensors have no version counter and are scanned every time. A plain
+# dict keyed by id (entry removed by the weakref callback when the tensor dies) is used because
+# torch.utils.weak.WeakIdKeyDictionary.get measured ~6 us per lookup here, the scan's own order.
+_scanned: dict[int, tuple] = {}
+
+
+def _forget(key: int):
+    return lambda _ref: _scanned.pop(key, None)
 
 
 def _remember(idx: Tensor, hi: int) -> None:
     if not idx.is_inference():
-        _scanned[idx] = (idx._version, hi)
+        key = id(idx)
+        entry = _scanned.get(key)
+        ref = entry[0] if entry is not None and entry[0]() is idx else weakref.ref(idx, _forget(key))
+        _scanned[key] = (ref, idx._version, hi)
 
 
 def _idx_values(idx: Tensor, D: int) -> int:
     """Check 0 <= idx < D (one min/max, skipped for an unchanged idx seen before); returns max."""
     inference = idx.is_inference()
     if not inference:
-        seen = _scanned.get(idx)
-        if seen is not None and seen[0] == idx._version and seen[1] < D:
-            return seen[1]
+        seen = _scanned.get(id(idx))
+        if seen is not None and seen[0]() is idx and seen[1] == idx._version and seen[2] < D:
+            return seen[2]
     lo, hi = torch.aminmax(idx)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= D:
         raise IndexError(f"idx values must be in [0, D) = [0, {D}), got min {lo}, max {hi}")
     if not inference:
-        _scanned[idx] = (idx._version, hi)
+        _remember(idx, hi)
     return hi
 
 
@@ -402,10 +427,11 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: T
     idx int32/int64 [k] (shared) or [B, k] (per sequence), values in [0, D); activation in
     "silu" | "gelu_tanh" | "gelu" | "relu". Returns y with x's shape and dtype (fp32 accumulation).
     """
-    w_gate = _weight("w_gate", w_gate, "", None, None, None)
+    if not _weights_ok((w_gate, w_up, w_down_t)):
+        w_gate = _weight("w_gate", w_gate, "", None, None, None)
+        _weight("w_up", w_up, "w_gate", w_gate, *w_gate.shape)
+        _weight("w_down_t", w_down_t, "w_gate", w_gate, *w_gate.shape)
     D, d = w_gate.shape
-    _weight("w_up", w_up, "w_gate", w_gate, D, d)
-    _weight("w_down_t", w_down_t, "w_gate", w_gate, D, d)
     _activation(activation)
     idx = _idx_checked(idx, D, w_gate)
     x = _x_checked(x, w_gate, d, idx)
@@ -418,9 +444,10 @@ def sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_
 
     w_in, w_out_t contiguous [D, d]; b_in [D] and b_out [d] or None; otherwise as ``sparse_ffn``.
     """
-    w_in = _weight("w_in", w_in, "", None, None, None)
+    if not _weights_ok((w_in, w_out_t)):
+        w_in = _weight("w_in", w_in, "", None, None, None)
+        _weight("w_out_t", w_out_t, "w_in", w_in, *w_in.shape)
     D, d = w_in.shape
-    _weight("w_out_t", w_out_t, "w_in", w_in, D, d)
     b_in = _bias("b_in", b_in, D, w_in)
     b_out = _bias("b_out", b_out, d, w_in)
     _activation(activation)
