@@ -4,7 +4,9 @@ NPS ("the model's own text", the paper's best variant):
 
 * prompt: the BOS token alone (``prompt="bos"``, default -- also for chat models, as in the
   project's prototype) or the model's empty chat prompt (``prompt="chat"``: the chat template applied
-  to no message, with the generation prompt, e.g. SmolLM2's default system turn + ``assistant``);
+  to one user turn with empty content, with the generation prompt -- transformers refuses a
+  conversation without messages; for SmolLM2 that is its default system turn, an empty user turn and
+  ``<|im_start|>assistant``);
 * ancestral sampling at temperature 1.0 from the full distribution (no top-k, no top-p), with a
   ``torch.Generator`` seeded by ``seed``: the same seed, sizes and model give the same tokens;
 * ``num_sequences`` sequences of ``seq_len`` tokens (prompt included), ``batch_size`` at a time.
@@ -144,7 +146,10 @@ def _nps_prompt(tokenizer, prompt: str) -> list[int]:
     if prompt == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("prompt='chat' needs a tokenizer with a chat template; use prompt='bos'")
-        ids = tokenizer.apply_chat_template([], add_generation_prompt=True, tokenize=True, return_dict=True)
+        # transformers refuses a conversation without messages, so the "empty chat" is one user turn
+        # with empty content, then the assistant's generation prompt.
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)
         ids = ids["input_ids"]
         if ids and isinstance(ids[0], list):
             ids = ids[0]

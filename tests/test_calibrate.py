@@ -25,7 +25,7 @@ class ChatCharTokenizer(CharTokenizer):
     chat_prompt = [1, 7, 8, 9]
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
-        assert messages == [] and add_generation_prompt and tokenize
+        assert messages == [{"role": "user", "content": ""}] and add_generation_prompt and tokenize
         return {"input_ids": list(self.chat_prompt)} if return_dict else list(self.chat_prompt)
 
 
