@@ -454,7 +454,36 @@ def _opcheck_samples(rng):
     }
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("name", ["sparse_ffn", "sparse_mlp", "neuron_stats", "neuron_stats_", "select_neurons"])
-def test_opcheck(name, rng):
+def test_opcheck(name, backend, rng):
     op, args = _opcheck_samples(rng)[name]
-    torch.library.opcheck(op, args)
+    with glass_kernels.backend(backend):
+        torch.library.opcheck(op, args)
+
+
+def test_import_without_extension_transformers_or_triton():
+    """`import glass_kernels` needs only torch; without _C the ops fall back to the reference."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["glass_kernels._C"] = None  # makes `import glass_kernels._C` raise ImportError
+import torch, glass_kernels
+from glass_kernels import _ext, ops
+assert "transformers" not in sys.modules and "triton" not in sys.modules, "heavy imports at import time"
+assert not _ext.available() and _ext.supported_isas() == []
+y = ops.sparse_ffn(torch.ones(1, 4), torch.ones(6, 4), torch.ones(6, 4), torch.ones(6, 4), torch.tensor([1, 2]))
+assert y.shape == (1, 4)
+try:
+    with glass_kernels.backend("cpp"):
+        ops.select_neurons(torch.randn(6), torch.arange(1, 7), 0.5, 2)
+except RuntimeError as e:
+    assert "cpp" in str(e)
+else:
+    raise AssertionError("backend cpp without the extension must raise")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
