@@ -487,3 +487,20 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_isa_fixture_runs_that_kernel(isa, dtype, rng):
+    """The shared `isa` fixture really switches the core: the kernel name says the ISA, and the
+    dispatched op on that path matches the oracle."""
+    name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    assert _ext.get_isa() == isa
+    assert _ext.load().kernel_name(name, True).endswith("__" + isa)
+    D, d = 70, 45
+    wg, wu, wd = _weights(rng, D, d, dtype)
+    x = torch.randn(2, 3, d, generator=rng).to(dtype)
+    idx = _idx(rng, 2, D, 31, True)
+    with glass_kernels.backend("cpp"):
+        y = ops.sparse_ffn(x, wg, wu, wd, idx)
+    assert_close_derived(y, native_ffn(x, wg, wu, wd, None, None, idx, "silu", torch.float64),
+                         native_ffn(x, wg, wu, wd, None, None, idx, "silu", dtype), f"sparse_ffn[{isa}]")
