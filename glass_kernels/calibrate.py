@@ -7,8 +7,9 @@ NPS ("the model's own text", the paper's best variant):
   to one user turn with empty content, with the generation prompt -- transformers refuses a
   conversation without messages; for SmolLM2 that is its default system turn, an empty user turn and
   ``<|im_start|>assistant``);
-* ancestral sampling at temperature 1.0 from the full distribution (no top-k, no top-p), with a
-  ``torch.Generator`` seeded by ``seed``: the same seed, sizes and model give the same tokens;
+* ancestral sampling at temperature 1.0 from the full distribution (no top-k, no top-p), by inverse
+  CDF with one ``torch.Generator`` per sequence seeded from (``seed``, sequence index): the same seed
+  and model give the same tokens, whatever ``batch_size`` (up to float rounding of batched matmuls);
 * ``num_sequences`` sequences of ``seq_len`` tokens (prompt included), ``batch_size`` at a time.
   A sequence that samples EOS stops there: EOS and everything after it are excluded, so the token
   count can be below ``num_sequences * seq_len`` (``stats.num_tokens`` says how many were used).
@@ -169,6 +170,24 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return {int(i) for i in ids}
 
 
+def _sequence_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    # One stream per sequence (not per batch): sequence i gets the same uniforms whatever the batch
+    # size, so the NPS corpus does not depend on batch_size (up to float rounding of batched matmuls).
+    return torch.Generator(device=device).manual_seed((int(seed) * 0x9E3779B1 + int(index)) % (2**63))
+
+
+def _sample(logits: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Ancestral sampling at temperature 1 over the full vocabulary, by inverse CDF: one uniform per
+    row from that row's generator, the first token whose cumulative probability exceeds it.
+    Tokens of probability 0 are never drawn (their CDF step is empty)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    cdf = cdf / cdf[:, -1:]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in gens])
+    idx = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
 @torch.inference_mode()
 def generate_nps(
     model: torch.nn.Module,
@@ -199,7 +218,6 @@ def generate_nps(
     eos = _eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
     device = _model_device(model)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
 
     all_ids = torch.full((num_sequences, seq_len), int(pad), dtype=torch.long)
@@ -209,6 +227,7 @@ def generate_nps(
     try:
         for start in range(0, num_sequences, batch_size):
             B = min(batch_size, num_sequences - start)
+            gens = [_sequence_generator(seed, start + j, device) for j in range(B)]
             ids = torch.tensor([prompt_ids] * B, dtype=torch.long, device=device)
             alive = torch.ones(B, dtype=torch.bool, device=device)
             out_ids = [ids]
@@ -226,8 +245,7 @@ def generate_nps(
                 bar.update(B * step_in.shape[1])
                 if fed >= seq_len:
                     break
-                probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)  # temperature 1.0
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                nxt = _sample(out.logits[:, -1, :], gens)
                 # A sequence ends at its first EOS: the EOS itself is not fed/counted, later positions
                 # are padding (still computed in the batch, masked out of the statistics).
                 alive = alive & ~torch.isin(nxt, eos_t)

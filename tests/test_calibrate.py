@@ -152,11 +152,16 @@ def test_nps_matches_reference_forward(family):
 
 def test_nps_sampling_is_seeded_and_stops_at_eos():
     model = tiny_models.build("llama")
-    a_ids, a_mask = generate_nps(model, TOK, num_sequences=16, seq_len=64, batch_size=5, seed=0)
-    b_ids, b_mask = generate_nps(model, TOK, num_sequences=16, seq_len=64, batch_size=5, seed=0)
-    c_ids, _ = generate_nps(model, TOK, num_sequences=16, seq_len=64, batch_size=5, seed=1)
+    a_ids, a_mask = generate_nps(model, TOK, num_sequences=16, seq_len=40, batch_size=5, seed=0)
+    b_ids, b_mask = generate_nps(model, TOK, num_sequences=16, seq_len=40, batch_size=5, seed=0)
+    c_ids, _ = generate_nps(model, TOK, num_sequences=16, seq_len=40, batch_size=5, seed=1)
     assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
     assert not torch.equal(a_ids, c_ids)
+    # one random stream per sequence: the corpus does not depend on the batch size
+    d_ids, d_mask = generate_nps(model, TOK, num_sequences=16, seq_len=40, batch_size=16, seed=0)
+    assert torch.equal(a_ids, d_ids) and torch.equal(a_mask, d_mask)
+    e_ids, _ = generate_nps(model, TOK, num_sequences=6, seq_len=40, batch_size=3, seed=0)
+    assert torch.equal(a_ids[:6], e_ids)
     assert (a_ids[:, 0] == TOK.bos_token_id).all() and a_mask[:, 0].all()
     # every row: a prefix of kept tokens, no EOS among them, padding after
     for row, m in zip(a_ids, a_mask):
@@ -164,7 +169,7 @@ def test_nps_sampling_is_seeded_and_stops_at_eos():
         assert m[:n].all() and not m[n:].any()
         assert not (row[:n] == TOK.eos_token_id).any()
         assert (row[n:] == TOK.pad_token_id).all()
-    # with a 96-token vocabulary, some of 16 x 63 samples hit EOS (else this test proves nothing)
+    # with a 96-token vocabulary, some of 16 x 39 samples hit EOS (else this test proves nothing)
     assert not bool(a_mask.all())
     # rows are sampled independently: not all rows equal
     assert len({tuple(r.tolist()) for r in a_ids}) == 16
