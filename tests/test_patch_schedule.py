@@ -115,7 +115,17 @@ def test_chunked_prompt_equals_one_shot(family):
     with torch.no_grad():
         y2 = model(nxt, past_key_values=b.past_key_values).logits
     assert all(torch.equal(x, y) for x, y in zip(session(model).neurons(), sets1))
-    torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
+    # torch's own chunked-vs-one-shot difference (dense model, same inputs) sets the tolerance
+    unpatch(model)
+    with torch.no_grad():
+        d1 = model(nxt, past_key_values=model(ids, use_cache=True).past_key_values).logits
+        c = model(ids[:, :4], use_cache=True).past_key_values
+        c = model(ids[:, 4:7], past_key_values=c, use_cache=True).past_key_values
+        c = model(ids[:, 7:], past_key_values=c, use_cache=True).past_key_values
+        d2 = model(nxt, past_key_values=c).logits
+    err_torch = (d2 - d1).abs().max().item()
+    eps = 4 * torch.finfo(torch.float32).eps * d1.abs().max().item()
+    assert (y2 - y1).abs().max().item() <= 2 * err_torch + eps
 
 
 def _left_pad(seqs):
@@ -159,7 +169,8 @@ def test_left_padded_batch_equals_one_by_one(family):
             assert torch.equal(sets_b[l][i], sb[0]), (family, i, l)
         assert batch.sequences[i, T:].tolist() == single.sequences[0, len(s):].tolist()
         err = (torch.stack(batch.logits)[:, i] - torch.stack(single.logits)[:, 0]).abs().max().item()
-        assert err <= 2 * err_dense + 1e-5, (family, i, err, err_dense)
+        eps = 4 * torch.finfo(torch.float32).eps * torch.stack(single.logits).abs().max().item()
+        assert err <= 2 * err_dense + eps, (family, i, err, err_dense)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "phi3", "opt", "gpt2"])
@@ -193,6 +204,17 @@ def test_generate_greedy_sampling_beam(family):
         assert torch.equal(got, want), (family, name)
 
 
+def _masked_next(model, sets, ids, nxt, expand=None):
+    """Plain-torch reference: dense prompt, then the next tokens with h masked to ``sets``."""
+    with tm.NeuronMask(model, sets) as nm:
+        with torch.no_grad():
+            o = model(ids, use_cache=True)
+            if expand:
+                o.past_key_values.batch_repeat_interleave(expand)
+            nm.active = True
+            return model(nxt, past_key_values=o.past_key_values).logits
+
+
 def test_set_neurons_and_new_sequence():
     model = tm.build("mistral")
     ids, nxt = _ids(16, 2, 5), _ids(17, 2, 2)
@@ -212,12 +234,9 @@ def test_set_neurons_and_new_sequence():
     own = s.neurons()
     assert not torch.equal(own[0][0, :30], forced[0].to(torch.int32))
     unpatch(model)
-    with tm.NeuronMask(model, forced) as nm:
-        with torch.no_grad():
-            o = model(ids, use_cache=True)
-            nm.active = True
-            want = model(nxt, past_key_values=o.past_key_values).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = _masked_next(model, forced, ids, nxt)
+    oracle = _masked_next(tm.build("mistral", dtype=torch.float64), forced, ids, nxt)
+    tm.assert_close_to_oracle(got, want, oracle, "set_neurons")
 
     patch(model, method="griffin", keep=0.5)
     s = session(model)
@@ -280,18 +299,25 @@ def test_memory_overhead_reported():
 
 
 def test_torch_compile_decode_step():
+    from glass_kernels import ops
+
     model = tm.build("llama")
     patch(model, method="griffin", keep=0.5)
-    ids = _ids(22, 1, 6)
-    out = _prompt(model, ids)
-    session(model).neurons()  # decode phase: sets fixed, operands prepared
+    out = _prompt(model, _ids(22, 1, 6))
+    with torch.no_grad():  # one decode forward: the FFNs are now in their sparse state
+        model(_ids(28, 1, 1), past_key_values=out.past_key_values)
     mlp = model.model.layers[0].mlp
+    w = mlp.site.handler.weights(mlp.site.module)
+    idx = session(model).neurons()[0]
     x = torch.randn(1, 1, tm.D_MODEL)
     with torch.no_grad():
         eager = mlp(x)
+        want = ops.sparse_ffn(x, *w, idx, "silu")
         compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    del out
+    assert torch.equal(eager, want)  # the decode step is the sparse op
+    # the compiled graph calls the registered glass::sparse_ffn op: the same deterministic kernel
+    assert torch.equal(compiled, eager)
+
 
 
 def test_generate_chunked_prefill_and_continued_cache():
@@ -328,3 +354,21 @@ def test_generate_chunked_prefill_and_continued_cache():
     fed = turn.shape[1] - (first.sequences.shape[1] - 1)
     for g in grown:
         torch.testing.assert_close(g, torch.full((2,), float(fed)), rtol=1e-4, atol=1e-4)
+
+
+def test_cache_expanded_after_prompt():
+    """Prefill once, then sample several continuations per prompt from an expanded cache."""
+    model = tm.build("qwen2")
+    ids, nxt = _ids(26, 2, 6), _ids(27, 6, 1)
+    patch(model, method="griffin", keep=0.5)
+    out = _prompt(model, ids)
+    sets = session(model).neurons()
+    out.past_key_values.batch_repeat_interleave(3)
+    with torch.no_grad():
+        got = model(nxt, past_key_values=out.past_key_values).logits
+    expanded = session(model).neurons()
+    assert all(torch.equal(e, s.repeat_interleave(3, dim=0)) for e, s in zip(expanded, sets))
+    unpatch(model)
+    want = _masked_next(model, expanded, ids, nxt, expand=3)
+    oracle = _masked_next(tm.build("qwen2", dtype=torch.float64), expanded, ids, nxt, expand=3)
+    tm.assert_close_to_oracle(got, want, oracle, "expanded cache")

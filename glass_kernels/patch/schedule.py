@@ -182,14 +182,30 @@ class GlassState:
             _backend.reset(self._backend_tokens.pop())
 
     def _check_batch(self, B: int) -> None:
-        if self.seq_batch and B != self.seq_batch:
-            shared = self.neurons is not None and all(t.shape[0] == 1 for t in self.neurons)
-            if not shared:
-                raise RuntimeError(
-                    f"glass_kernels: this forward has batch {B} but the current sequences have batch "
-                    f"{self.seq_batch}; expand inputs before the prompt (as generate() does) or start a "
-                    "new sequence (empty cache)"
-                )
+        if not self.seq_batch or B == self.seq_batch:
+            return
+        if self.neurons is not None and all(t.shape[0] == 1 for t in self.neurons):
+            return  # one set shared by every row
+        if self.phase == "decode" and B % self.seq_batch == 0:
+            self._expand(B // self.seq_batch)
+            return
+        raise RuntimeError(
+            f"glass_kernels: this forward has batch {B} but the current sequences have batch "
+            f"{self.seq_batch}; expand inputs before the prompt (as generate() does), expand the "
+            "cache by an integer factor (Cache.batch_repeat_interleave), or start a new sequence "
+            "(empty cache)"
+        )
+
+    def _expand(self, r: int) -> None:
+        """The cache was expanded after the prompt (``Cache.batch_repeat_interleave(r)``: row b
+        becomes rows b*r .. b*r + r-1): expand the sets, statistics and groups the same way."""
+        self.local = [None if t is None else t.repeat_interleave(r, dim=0) for t in self.local]
+        if self.groups is not None:
+            self.groups = self.groups.repeat_interleave(r, dim=0)
+        if self.neurons is not None:
+            self.neurons = [t.repeat_interleave(r, dim=0).contiguous() for t in self.neurons]
+        self.seq_batch *= r
+        self._prepare()
 
     @staticmethod
     def _token_mask(attention_mask, B: int, T: int) -> torch.Tensor | None:
