@@ -151,7 +151,9 @@ def _idx_checked(idx, D: int, ref: Tensor) -> Tensor:
 # idx tensors already scanned: id(tensor) -> (weakref, version counter, max value). A decode loop
 # that passes the same idx every token pays the min/max scan (~9 us for k = 768 here) once. The
 # version counter changes with every in-place write (also through views), so a modified idx is
-# scanned again. Inference tensors have no version counter and are scanned every time. A plain
+# scanned again. Inference tensors have no version counter and are scanned every time. Writes
+# that bypass the counter (through `.data`, a numpy view or a raw pointer) are not seen: the C++
+# core still checks every index (IndexError), the reference's index_select raises too. A plain
 # dict keyed by id (entry removed by the weakref callback when the tensor dies) is used because
 # torch.utils.weak.WeakIdKeyDictionary.get measured ~6 us per lookup here, the scan's own order.
 _scanned: dict[int, tuple] = {}
