@@ -504,3 +504,24 @@ def test_isa_fixture_runs_that_kernel(isa, dtype, rng):
         y = ops.sparse_ffn(x, wg, wu, wd, idx)
     assert_close_derived(y, native_ffn(x, wg, wu, wd, None, None, idx, "silu", torch.float64),
                          native_ffn(x, wg, wu, wd, None, None, idx, "silu", dtype), f"sparse_ffn[{isa}]")
+
+
+def test_cpp_result_independent_of_thread_count(rng):
+    """The core promises bitwise-identical sums for any thread count (chunk buffers summed in
+    order); the ops hand it torch's thread count, so changing torch's must not change y."""
+    if not _ext.available():
+        pytest.skip(f"C++ extension not available ({_ext.load_error()})")
+    D, d = 300, 40  # k = 250 -> several 48-neuron chunks
+    wg, wu, wd = _weights(rng, D, d, torch.bfloat16)
+    x = torch.randn(2, 5, d, generator=rng).to(torch.bfloat16)
+    idx = _idx(rng, 2, D, 250, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = ops.sparse_ffn(x, wg, wu, wd, idx)
+        torch.set_num_threads(2)
+        y2 = ops.sparse_ffn(x, wg, wu, wd, idx)
+        assert _ext.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
