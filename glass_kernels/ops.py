@@ -141,14 +141,14 @@ def _idx_checked(idx, D: int, ref: Tensor) -> Tensor:
     if idx.dtype == torch.int64:
         if torch.compiler.is_compiling():
             return idx.to(torch.int32).contiguous()  # values are checked by the op at run time
-        hi = _idx_values(idx, D)  # before narrowing: int64 values >= 2**31 would wrap
+        lo, hi = _idx_values(idx, D)  # before narrowing: int64 values >= 2**31 would wrap
         idx32 = idx.to(torch.int32).contiguous()
-        _remember(idx32, hi)  # so the op does not scan the fresh copy again
+        _remember(idx32, lo, hi)  # so the op does not scan the fresh copy again
         return idx32
     return idx.contiguous()
 
 
-# idx tensors already scanned: id(tensor) -> (weakref, version counter, max value). A decode loop
+# idx / global_rank tensors already scanned: id(tensor) -> (weakref, version counter, min, max). A decode loop
 # that passes the same idx every token pays the min/max scan (~9 us for k = 768 here) once. The
 # version counter changes with every in-place write (also through views), so a modified idx is
 # scanned again. Inference tensors have no version counter and are scanned every time. Writes
@@ -163,28 +163,41 @@ def _forget(key: int):
     return lambda _ref: _scanned.pop(key, None)
 
 
-def _remember(idx: Tensor, hi: int) -> None:
-    if not idx.is_inference():
-        key = id(idx)
+def _remember(t: Tensor, lo: int, hi: int) -> None:
+    if not t.is_inference():
+        key = id(t)
         entry = _scanned.get(key)
-        ref = entry[0] if entry is not None and entry[0]() is idx else weakref.ref(idx, _forget(key))
-        _scanned[key] = (ref, idx._version, hi)
+        ref = entry[0] if entry is not None and entry[0]() is t else weakref.ref(t, _forget(key))
+        _scanned[key] = (ref, t._version, lo, hi)
 
 
-def _idx_values(idx: Tensor, D: int) -> int:
-    """Check 0 <= idx < D (one min/max, skipped for an unchanged idx seen before); returns max."""
-    inference = idx.is_inference()
+def _value_range(t: Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor: one aminmax, or none for an unchanged tensor seen before."""
+    inference = t.is_inference()
     if not inference:
-        seen = _scanned.get(id(idx))
-        if seen is not None and seen[0]() is idx and seen[1] == idx._version and seen[2] < D:
-            return seen[2]
-    lo, hi = torch.aminmax(idx)
+        seen = _scanned.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1] == t._version:
+            return seen[2], seen[3]
+    lo, hi = torch.aminmax(t)
     lo, hi = int(lo), int(hi)
+    if not inference:
+        _remember(t, lo, hi)
+    return lo, hi
+
+
+def _idx_values(idx: Tensor, D: int) -> tuple[int, int]:
+    """Check 0 <= idx < D; returns (min, max)."""
+    lo, hi = _value_range(idx)
     if lo < 0 or hi >= D:
         raise IndexError(f"idx values must be in [0, D) = [0, {D}), got min {lo}, max {hi}")
-    if not inference:
-        _remember(idx, hi)
-    return hi
+    return lo, hi
+
+
+def _rank_values(global_rank: Tensor, D: int) -> tuple[int, int]:
+    lo, hi = _value_range(global_rank)
+    if lo < 1 or hi > D:
+        raise ValueError(f"global_rank values must be ranks in [1, D] = [1, {D}], got min {lo}, max {hi}")
+    return lo, hi
 
 
 def _x_checked(x, ref: Tensor, d: int, idx: Tensor) -> Tensor:
@@ -401,9 +414,7 @@ def _select_neurons_op(local: Tensor, global_rank: Tensor, lam: float, k: int) -
     B, D = local.shape
     if B > 0 and not bool(torch.isfinite(local).all()):
         raise ValueError("local scores must be finite (found NaN or inf)")
-    lo, hi = torch.aminmax(global_rank)
-    if int(lo) < 1 or int(hi) > D:
-        raise ValueError(f"global_rank values must be ranks in [1, D] = [1, {D}], got min {int(lo)}, max {int(hi)}")
+    _rank_values(global_rank, D)
     which = _backend.resolve_for(local)
     if which == "cpp":
         C = _ext._C
@@ -552,7 +563,13 @@ def select_neurons(local: Tensor, global_rank: Tensor, lam: float, k: int) -> Te
     if not 1 <= k <= D:
         raise ValueError(f"k must be in [1, D] = [1, {D}], got {k}")
     local = local.to(torch.float32).contiguous()
-    global_rank = global_rank.to(torch.int32).contiguous()
+    if global_rank.dtype != torch.int32 or not global_rank.is_contiguous():
+        if torch.compiler.is_compiling():
+            global_rank = global_rank.to(torch.int32).contiguous()  # checked by the op at run time
+        else:
+            lo, hi = _rank_values(global_rank, D)  # before narrowing, as for idx
+            global_rank = global_rank.to(torch.int32).contiguous()
+            _remember(global_rank, lo, hi)
     idx = torch.ops.glass.select_neurons(local, global_rank, lam, k)
     return idx[0] if squeeze else idx
 

@@ -239,3 +239,12 @@ def test_idx_checked_under_inference_mode():
         bad = torch.tensor([0, D], dtype=torch.int32)
         ops.sparse_ffn(x, wg, wu, wd, idx)
         _raises(IndexError, "idx values", ops.sparse_ffn, x, wg, wu, wd, bad)
+
+
+@pytest.mark.parametrize("rank_dtype", [torch.int32, torch.int64])
+def test_global_rank_rescanned_after_in_place_write(rank_dtype):
+    local, grank = _sel()
+    grank = grank.to(rank_dtype)
+    ops.select_neurons(local, grank, 0.5, 3)
+    grank[2] = 0
+    _raises(ValueError, "global_rank values", ops.select_neurons, local, grank, 0.5, 3)
