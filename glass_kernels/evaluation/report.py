@@ -1,0 +1,305 @@
+"""Evaluation outputs: results.json (every number), report.md (tables), PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_results", "markdown_report", "make_plots", "write_report"]
+
+# Display order of the methods in tables and plots.
+ORDER = ("dense", "oracle", "a-glass", "i-glass", "a-glass (text)", "global", "griffin", "random")
+
+
+def _base(name: str) -> str:
+    """'a-glass lam=0.75 (text)' -> 'a-glass (text)'."""
+    parts = name.split(" ")
+    base = parts[0]
+    if name.endswith("(text)"):
+        base += " (text)"
+    return base
+
+
+def _order_key(name: str) -> tuple:
+    b = _base(name)
+    return (ORDER.index(b) if b in ORDER else len(ORDER), name)
+
+
+def write_results(res: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = out_dir / "results.json"
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1, sort_keys=False, default=float)
+    return p
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def _heldout_table(h: dict, keep: float) -> list[str]:
+    rows = [r | {"key": k} for k, r in h["results"].items() if k == "dense" or r["keep"] == keep]
+    rows.sort(key=lambda r: _order_key(r.get("name", r["method"])))
+    griffin = next((r for r in rows if r["method"] == "griffin"), None)
+    lines = ["| method | KL(dense‖sparse) ± s.e. | vs GRIFFIN | perplexity | top-1 agreement |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        name = r.get("name", r["method"])
+        rel = "-"
+        if griffin is not None and r["method"] not in ("dense",) and griffin["kl"] > 0:
+            rel = f"{100 * (r['kl'] / griffin['kl'] - 1):+.1f}%"
+        lines.append(f"| {name} | {_fmt(r['kl'])} ± {_fmt(r['kl_sem'])} | {rel} | {_fmt(r['ppl'], 2)} | "
+                     f"{_fmt(r['top1'])} |")
+    return lines
+
+
+def _keep_table(h: dict, metric: str, nd: int) -> list[str]:
+    keeps = sorted({r["keep"] for k, r in h["results"].items() if k != "dense"}, reverse=True)
+    names = sorted({r["name"] for k, r in h["results"].items() if k != "dense"}, key=_order_key)
+    lines = ["| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
+             "|---|" + "---|" * len(keeps)]
+    for n in names:
+        vals = []
+        for k in keeps:
+            r = next((r for kk, r in h["results"].items() if kk != "dense" and r["name"] == n and r["keep"] == k), None)
+            vals.append(_fmt(r[metric], nd) if r else "-")
+        lines.append(f"| {n} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def markdown_report(res: dict, command: str | None = None) -> str:
+    name = res["model"]
+    L = [f"# GLASS evaluation: {name}", ""]
+    s = res["settings"]
+    m = res.get("machine", {})
+    L += [f"Machine: {m.get('cpu', '?')}, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch')}, "
+          f"C++ core: {m.get('glass_ext')} ({m.get('glass_isa', '-')}). Model fp32, "
+          f"{'chat template' if res.get('chat_template') else 'raw prompt'}.", ""]
+    if command:
+        L += ["Command:", "", f"    {command}", ""]
+    L += ["Protocol (glass_kernels/evaluation/run.py): the dense model continues each prompt greedily "
+          f"for {s['gen_tokens']} tokens (EOS suppressed); each method, its neurons chosen from the prompt "
+          "only, is scored on that continuation teacher-forced (positions 2..N, all decoded sparse): "
+          "mean KL(p_dense ‖ p_sparse) per token, perplexity of the continuation, top-1 agreement with "
+          "the dense argmax. Oracle = the top-k of the same activation statistic computed on the "
+          "continuation itself (an upper reference, not a method). Global statistics: NPS "
+          f"({res['stats']['nps']['num_sequences']} self-generated sequences x {res['stats']['nps']['seq_len']} "
+          f"tokens, {res['stats']['nps']['num_tokens']} tokens) unless marked (text) = "
+          f"{res['stats']['text']['text']} ({res['stats']['text']['num_tokens']} tokens).", ""]
+    lu = res.get("lam_used", {})
+    if lu:
+        L += [f"lambda used on the held-out prompts: A-GLASS {lu.get('a-glass')}, I-GLASS {lu.get('i-glass')} "
+              f"({lu.get('chosen_by')}).", ""]
+    h = res.get("heldout")
+    if h:
+        L += [f"## Held-out prompts ({len(h['prompts'])} prompts, mean {h['prompt_tokens_mean']:.1f} prompt tokens)", ""]
+        keeps = sorted({r["keep"] for k, r in h["results"].items() if k != "dense"}, reverse=True)
+        main_keep = 0.5 if 0.5 in keeps else keeps[0]
+        L += [f"### keep {main_keep:g}", ""] + _heldout_table(h, main_keep) + [""]
+        L += [verdict(h, main_keep), ""]
+        if len(keeps) > 1:
+            L += ["### KL vs keep", ""] + _keep_table(h, "kl", 3) + [""]
+            L += ["### Perplexity vs keep (dense: " + _fmt(h["results"]["dense"]["ppl"], 2) + ")", ""]
+            L += _keep_table(h, "ppl", 2) + [""]
+            L += ["### Top-1 agreement vs keep", ""] + _keep_table(h, "top1", 3) + [""]
+        jac = h.get("jaccard", {})
+        if jac:
+            L += ["### Jaccard overlap with the oracle set (mean over layers; per layer in results.json and "
+                  "jaccard_layers.png)", ""]
+            variants = sorted({v for d in jac.values() for v in d})
+            L += ["| keep | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+            for keep in sorted(jac, key=float, reverse=True):
+                vals = [jac[keep].get(v) for v in variants]
+                L.append(f"| {float(keep):g} | " + " | ".join(_fmt(sum(x) / len(x)) if x else "-" for x in vals) + " |")
+            k5 = jac.get(str(main_keep)) or jac.get(main_keep)
+            if k5 and "aggregated (A)" in k5 and "local" in k5 and "global" in k5:
+                agg, loc, glo = k5["aggregated (A)"], k5["local"], k5["global"]
+                n_best = sum(a >= max(lo, g) for a, lo, g in zip(agg, loc, glo))
+                L += ["", f"At keep {main_keep:g}, aggregated (A) selection overlaps the oracle at least as much "
+                          f"as both local-only and global-only in {n_best} of {len(agg)} layers."]
+            L += [""]
+    sw = res.get("lambda_sweep")
+    if sw:
+        L += [f"## lambda sweep (tune split, {len(sw['prompts'])} prompts)", ""]
+        rows = [r for k, r in sw["results"].items() if k != "dense"]
+        keeps = sorted({r["keep"] for r in rows}, reverse=True)
+        lams = sorted({r["lam"] for r in rows})
+        for keep in keeps:
+            L += [f"KL at keep {keep:g} (lambda 0 = GRIFFIN for A; lambda 1 = global only):", "",
+                  "| variant | " + " | ".join(f"{l:g}" for l in lams) + " |", "|---|" + "---|" * len(lams)]
+            for meth in ("a-glass", "i-glass"):
+                vals = []
+                for l in lams:
+                    r = next((r for r in rows if r["method"] == meth and r["lam"] == l and r["keep"] == keep), None)
+                    vals.append(_fmt(r["kl"]) if r else "-")
+                L.append(f"| {meth} | " + " | ".join(vals) + " |")
+            L += [""]
+        L += [f"Best lambda (lowest tune KL): A-GLASS {sw['best_lam']['a-glass']}, I-GLASS {sw['best_lam']['i-glass']}.", ""]
+    pl = res.get("prompt_length")
+    if pl:
+        L += [f"## Prompt-length dependence (tune prompts {len(pl['prompts'])}, keep {pl['keep']}, A-GLASS, "
+              f"{s['length_gen_tokens']}-token continuations)", "",
+              "Context = other prompts of the same kind prepended. KL by lambda (0 = GRIFFIN, 1 = global only):", ""]
+        lams = sorted({float(l) for r in pl["rows"] for l in r["by_lam"]})
+        L += ["| context tokens | prompt tokens | " + " | ".join(f"{l:g}" for l in lams) + " | best lambda |",
+              "|---|---|" + "---|" * (len(lams) + 1)]
+        for r in pl["rows"]:
+            vals = [_fmt(r["by_lam"][f"{l:g}"]["kl"]) for l in lams]
+            L.append(f"| +{r['context_tokens']} | {r['prompt_tokens_mean']:.0f} | " + " | ".join(vals)
+                     + f" | {r['best_lam']:g} |")
+        L += [""]
+    t = res.get("timing", {})
+    if t:
+        L += ["## Run time", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
+    L += ["Plots: quality_vs_keep.png, jaccard_layers.png, kl_vs_lambda.png, prompt_length.png. Every number: results.json.", ""]
+    return "\n".join(L)
+
+
+def verdict(h: dict, keep: float) -> str:
+    """One honest sentence: does GLASS beat GRIFFIN at this keep on the held-out prompts?"""
+    r = {v["name"]: v for k, v in h["results"].items() if k != "dense" and v["keep"] == keep}
+    g = next((v for n, v in r.items() if v["method"] == "griffin"), None)
+    a = next((v for n, v in r.items() if v["method"] == "a-glass" and v["stats"] == "nps"), None)
+    i = next((v for n, v in r.items() if v["method"] == "i-glass" and v["stats"] == "nps"), None)
+    gl = next((v for n, v in r.items() if v["method"] == "global" and v["stats"] == "nps"), None)
+    at = next((v for n, v in r.items() if v["method"] == "a-glass" and v["stats"] == "text"), None)
+    if g is None or a is None:
+        return ""
+    out = []
+    for label, v in (("A-GLASS", a), ("I-GLASS", i)):
+        if v is None:
+            continue
+        dk = 100 * (v["kl"] / g["kl"] - 1)
+        dp = 100 * (v["ppl"] / g["ppl"] - 1)
+        word = "beats" if v["kl"] < g["kl"] else "does NOT beat"
+        out.append(f"{label} {word} GRIFFIN (KL {dk:+.1f}%, perplexity {dp:+.1f}%)")
+    s = f"**At keep {keep:g}: " + "; ".join(out) + ".**"
+    if gl is not None:
+        s += (f" Global-only (NPS) KL {gl['kl']:.3f} vs A-GLASS {a['kl']:.3f}: "
+              + ("aggregation adds over the global prior." if a["kl"] < gl["kl"]
+                 else "aggregation does not improve on the global prior alone."))
+    if at is not None:
+        s += (f" NPS vs text statistics for A-GLASS: KL {a['kl']:.3f} vs {at['kl']:.3f} "
+              f"({100 * (a['kl'] / at['kl'] - 1):+.1f}%).")
+    return s
+
+
+def make_plots(res: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    name = res["model"]
+    h = res.get("heldout")
+    if h:
+        rows = [r for k, r in h["results"].items() if k != "dense"]
+        names = sorted({r["name"] for r in rows}, key=_order_key)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        for metric, ax, title in (("kl", axes[0], "KL(dense || sparse) per token"),
+                                  ("ppl", axes[1], "perplexity of the continuation"),
+                                  ("top1", axes[2], "top-1 agreement with dense")):
+            for n in names:
+                pts = sorted((r["keep"], r[metric]) for r in rows if r["name"] == n)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n,
+                        linestyle="--" if n.startswith(("oracle", "random")) else "-")
+            if metric == "ppl":
+                ax.axhline(h["results"]["dense"]["ppl"], color="k", lw=0.8, label="dense")
+            if metric in ("kl", "ppl"):
+                ax.set_yscale("log")
+            ax.set_xlabel("keep (fraction of FFN neurons)")
+            ax.set_title(title)
+            ax.invert_xaxis()
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{name}: held-out prompts ({len(h['prompts'])})")
+        fig.tight_layout()
+        p = out_dir / "quality_vs_keep.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+        jac = h.get("jaccard", {})
+        if jac:
+            keeps = sorted(jac, key=float, reverse=True)
+            fig, axes = plt.subplots(1, len(keeps), figsize=(4.5 * len(keeps), 4), squeeze=False)
+            for ax, keep in zip(axes[0], keeps):
+                for v, vals in sorted(jac[keep].items()):
+                    ax.plot(range(len(vals)), vals, marker=".", label=v)
+                ax.set_title(f"keep {float(keep):g}")
+                ax.set_xlabel("layer")
+                ax.set_ylabel("Jaccard with oracle set")
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=8)
+            fig.suptitle(f"{name}: overlap of the chosen neurons with the oracle (continuation) set")
+            fig.tight_layout()
+            p = out_dir / "jaccard_layers.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            paths.append(p)
+    sw = res.get("lambda_sweep")
+    if sw:
+        rows = [r for k, r in sw["results"].items() if k != "dense"]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for meth in ("a-glass", "i-glass"):
+            for keep in sorted({r["keep"] for r in rows}, reverse=True):
+                pts = sorted((r["lam"], r["kl"]) for r in rows if r["method"] == meth and r["keep"] == keep)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{meth} keep {keep:g}")
+        ax.set_xlabel("lambda (0 = local only / GRIFFIN, 1 = global only)")
+        ax.set_ylabel("KL(dense || sparse)")
+        ax.set_title(f"{name}: lambda sweep, tune split ({len(sw['prompts'])} prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out_dir / "kl_vs_lambda.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    pl = res.get("prompt_length")
+    if pl:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for r in pl["rows"]:
+            lams = sorted(float(l) for l in r["by_lam"])
+            axes[0].plot(lams, [r["by_lam"][f"{l:g}"]["kl"] for l in lams], marker="o",
+                         label=f"{r['prompt_tokens_mean']:.0f} prompt tokens")
+        axes[0].set_xlabel("lambda")
+        axes[0].set_ylabel("KL")
+        axes[0].set_title("KL vs lambda by prompt length")
+        axes[0].legend(fontsize=8)
+        axes[0].grid(alpha=0.3)
+        x = [r["prompt_tokens_mean"] for r in pl["rows"]]
+        axes[1].plot(x, [r["by_lam"]["0"]["kl"] for r in pl["rows"]], marker="o", label="GRIFFIN (lambda 0)")
+        axes[1].plot(x, [min(v["kl"] for v in r["by_lam"].values()) for r in pl["rows"]], marker="o",
+                     label="A-GLASS, best lambda")
+        for xi, r in zip(x, pl["rows"]):
+            axes[1].annotate(f"λ*={r['best_lam']:g}", (xi, min(v["kl"] for v in r["by_lam"].values())),
+                             fontsize=8, textcoords="offset points", xytext=(0, -12))
+        axes[1].set_xlabel("prompt tokens (mean)")
+        axes[1].set_ylabel("KL")
+        axes[1].set_title("GRIFFIN vs A-GLASS vs prompt length")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
+        fig.suptitle(f"{name}: prompt-length dependence (keep {pl['keep']})")
+        fig.tight_layout()
+        p = out_dir / "prompt_length.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(res: dict, out_dir: Path, command: str | None = None) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [write_results(res, out_dir)]
+    md = out_dir / "report.md"
+    md.write_text(markdown_report(res, command), encoding="utf-8")
+    paths.append(md)
+    paths += make_plots(res, out_dir)
+    return paths

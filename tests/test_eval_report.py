@@ -1,0 +1,120 @@
+"""Evaluation report (markdown / JSON / plots) and the bench report, on small fake inputs."""
+
+import json
+
+import pytest
+
+from glass_kernels.evaluation import bench_report as BR
+from glass_kernels.evaluation import report as REP
+
+
+def _row(method, keep, kl, ppl, top1, lam=None, stats=None, name=None):
+    return {"kl": kl, "kl_sem": 0.1, "ppl": ppl, "top1": top1, "tokens": 100, "sequences": 4, "method": method,
+            "keep": keep, "lam": lam, "stats": stats, "name": name or method}
+
+
+def fake_results():
+    res = {"model": "fake", "chat_template": True, "settings": {"gen_tokens": 64, "length_gen_tokens": 32},
+           "machine": {"cpu": "x", "torch_threads": 1, "torch": "t", "glass_ext": True, "glass_isa": "avx2"},
+           "stats": {"nps": {"num_sequences": 4, "seq_len": 8, "num_tokens": 32},
+                     "text": {"text": "pydoc", "num_tokens": 32}},
+           "lam_used": {"a-glass": 0.75, "i-glass": 0.5, "chosen_by": "tune-split sweep"}}
+    results = {"dense": _row("dense", 1.0, 0.0, 3.0, 1.0)}
+    for keep, f in ((0.5, 1.0), (0.3, 2.0)):
+        results[f"griffin@{keep}"] = _row("griffin", keep, 2.0 * f, 30, 0.4)
+        results[f"a-glass lam=0.75@{keep}"] = _row("a-glass", keep, 1.5 * f, 20, 0.5, 0.75, "nps", "a-glass lam=0.75")
+        results[f"i-glass lam=0.5@{keep}"] = _row("i-glass", keep, 2.5 * f, 40, 0.3, 0.5, "nps", "i-glass lam=0.5")
+        results[f"global@{keep}"] = _row("global", keep, 1.8 * f, 25, 0.45, None, "nps")
+        results[f"a-glass lam=0.75 (text)@{keep}"] = _row("a-glass", keep, 1.6 * f, 22, 0.5, 0.75, "text",
+                                                          "a-glass lam=0.75 (text)")
+    res["heldout"] = {"prompts": ["a", "b"], "prompt_tokens_mean": 30.0, "results": results,
+                      "jaccard": {"0.5": {"local": [0.4, 0.5], "global": [0.45, 0.4], "aggregated (A)": [0.5, 0.55]}}}
+    sw = {"dense": _row("dense", 1.0, 0.0, 3.0, 1.0)}
+    for m in ("a-glass", "i-glass"):
+        for lam, kl in ((0.0, 2.0), (0.5, 1.5), (1.0, 1.8)):
+            sw[f"{m}{lam}"] = _row(m, 0.5, kl, 10, 0.5, lam, "nps", f"{m} lam={lam:g}")
+    res["lambda_sweep"] = {"prompts": ["t1"], "results": sw, "best_lam": {"a-glass": 0.5, "i-glass": 0.5}}
+    res["prompt_length"] = {"prompts": ["t1"], "keep": 0.5, "rows": [
+        {"context_tokens": c, "prompt_tokens_mean": 30 + c, "best_lam": b,
+         "by_lam": {"0": _row("a-glass", 0.5, g, 9, 0.5, 0.0), "0.5": _row("a-glass", 0.5, a, 9, 0.5, 0.5)},
+         "dense": _row("dense", 1.0, 0, 3, 1)} for c, g, a, b in ((0, 2.0, 1.5, 0.5), (64, 1.2, 1.3, 0.0))]}
+    res["timing"] = {"total_s": 1.0}
+    return res
+
+
+def test_eval_report_files_and_content(tmp_path):
+    res = fake_results()
+    paths = REP.write_report(res, tmp_path, "python -m glass_kernels eval --quick")
+    names = {p.name for p in paths}
+    assert {"results.json", "report.md", "quality_vs_keep.png", "jaccard_layers.png", "kl_vs_lambda.png",
+            "prompt_length.png"} <= names
+    for p in paths:
+        assert p.stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["heldout"]["results"]["griffin@0.5"]["kl"] == 2.0
+    md = (tmp_path / "report.md").read_text()
+    assert "python -m glass_kernels eval --quick" in md
+    # A-GLASS 1.5 vs GRIFFIN 2.0: -25.0%; I-GLASS 2.5: +25.0% and "does NOT beat"
+    assert "A-GLASS beats GRIFFIN (KL -25.0%" in md
+    assert "I-GLASS does NOT beat GRIFFIN (KL +25.0%" in md
+    assert "| a-glass lam=0.75 | 1.500 ± 0.100 | -25.0% | 20.00 | 0.500 |" in md
+    assert "in 2 of 2 layers" in md  # aggregated >= local and global in both fake layers
+    assert "Best lambda (lowest tune KL): A-GLASS 0.5" in md
+
+
+def test_eval_report_partial_results(tmp_path):
+    res = fake_results()
+    del res["heldout"], res["prompt_length"]
+    REP.write_report(res, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "lambda sweep" in md and "Held-out" not in md
+
+
+def _bench(name, kind, model, keep, median, **extra):
+    return {"name": name, "fullname": f"benchmarks/test_e2e.py::{name}", "group": None,
+            "stats": {"median": median, "iqr": 0.0, "rounds": 3},
+            "extra_info": dict(kind=kind, model=model, keep=keep, threads=2, **extra)}
+
+
+def fake_bench(scale=1.0):
+    return {"datetime": "2026-01-01T00:00:00", "machine_info": {"cpu": {"brand_raw": "cpu"}}, "benchmarks": [
+        _bench("test_mlp_share[m]", "mlp_share", "m", 1.0, 0.1, mlp_share=0.6),
+        _bench("test_decode[m-dense]", "decode", "m", 1.0, 1.0 * scale, tokens_per_s=32.0, method="dense"),
+        _bench("test_decode[m-keep0.5]", "decode", "m", 0.5, 0.8 * scale, tokens_per_s=40.0, method="a-glass"),
+        _bench("test_ttft[m-dense]", "ttft", "m", 1.0, 0.05, prompt_tokens=20, method="dense"),
+        _bench("test_ttft[m-keep0.5]", "ttft", "m", 0.5, 0.06, prompt_tokens=20, method="a-glass"),
+        {"name": "test_kernel[x]", "stats": {"median": 0.001}, "extra_info": {"impl": "sparse_ffn"}},
+    ]}
+
+
+def test_bench_rows_speedup_and_amdahl():
+    rows = BR.e2e_rows(fake_bench())
+    r = rows["m"]["decode"][0.5]
+    assert r["speedup"] == pytest.approx(1.25)
+    assert r["amdahl_ceiling"] == pytest.approx(1 / (0.4 + 0.3))  # f = 0.6, keep 0.5
+    md = BR.markdown(fake_bench())
+    assert "| 0.5 | a-glass | 2 | 40.0 | 1.25x | 1.43x | 2.00x |" in md
+    assert "+10.0 ms selection" in md
+    assert "test_kernel[x]" in md
+
+
+def test_bench_report_history_and_compare(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(fake_bench(1.0)))
+    b.write_text(json.dumps(fake_bench(2.0)))
+    out = tmp_path / "rep"
+    BR.write_bench_report(a, out, stamp="20260101T000000Z")
+    with pytest.raises(FileNotFoundError, match="no earlier run"):
+        BR.write_bench_report(a, tmp_path / "empty", compare="last")
+    paths = BR.write_bench_report(b, out, compare="last", stamp="20260101T000100Z")
+    assert (out / "history" / "20260101T000000Z.json").exists()
+    assert (out / "history" / "20260101T000100Z.json").exists()
+    assert any(p.name == "speedup_vs_keep.png" for p in paths)
+    md = (out / "report.md").read_text()
+    assert "Compared with" in md and "| test_decode[m-dense] | 1000.000 | 2000.000 | 2.000 |" in md
+
+
+def test_bench_rejects_non_benchmark_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{}")
+    with pytest.raises(ValueError, match="pytest-benchmark"):
+        BR.load_bench(p)
