@@ -141,3 +141,22 @@ def test_top_level_api():
     assert patch_pkg.is_patched(model) and glass_kernels.session(model).config.keep == 0.25
     glass_kernels.unpatch(model)
     assert not patch_pkg.is_patched(model)
+
+
+class _Tok:
+    """Duck-typed tokenizer (what calibrate's NPS source reads): BOS 1, EOS 2, pad 0."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    chat_template = None
+
+
+def test_stats_calibrate_now():
+    from glass_kernels.calibrate import calibrate
+
+    model = tm.build("gpt2")
+    opts = dict(num_sequences=4, seq_len=24, batch_size=4, progress=False)
+    patch(model, stats="calibrate", tokenizer=_Tok(), calibrate_options=opts, method="a-glass")
+    got = session(model)._state.global_ranks
+    unpatch(model)
+    want = calibrate(model, _Tok(), **opts).ranks("activation")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -35,7 +35,7 @@ def _calibrate_hint(method: str) -> str:
 
 
 def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, tokenizer=None,
-          **overrides) -> nn.Module:
+          calibrate_options: dict | None = None, **overrides) -> nn.Module:
     """Patch ``model`` in place for GLASS decoding and return it.
 
     Args:
@@ -47,6 +47,8 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
             checked against the model (``stats.check_model``). ``"calibrate"`` computes them now
             with ``glass_kernels.calibrate(model, tokenizer)``.
         tokenizer: only for ``stats="calibrate"``.
+        calibrate_options: keyword arguments for that ``calibrate`` call (e.g. ``num_sequences``,
+            ``seq_len``, ``progress``).
 
     Every supported FFN is replaced by a GlassFFN (shown by ``print(model)``); W_down (GPT-2:
     c_fc, OPT: fc2) gets neuron-major storage with the original parameter as its transposed
@@ -83,7 +85,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
             raise ValueError("stats=\"calibrate\" needs tokenizer=...")
         from ..calibrate import calibrate
 
-        stats = calibrate(model, tokenizer)
+        stats = calibrate(model, tokenizer, **(calibrate_options or {}))
     if config.method in NEEDS_GLOBAL:
         if stats is None:
             raise ValueError(_calibrate_hint(config.method))
