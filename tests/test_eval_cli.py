@@ -1,0 +1,54 @@
+"""`python -m glass_kernels eval|bench` argument handling (no model is run here)."""
+
+import pytest
+
+from glass_kernels.cli import build_parser
+from glass_kernels.evaluation.cli import settings_from_args
+from glass_kernels.evaluation.run import EvalSettings, heldout_configs
+
+
+def _parse(*argv):
+    return build_parser([argv[0]]).parse_args(list(argv))
+
+
+def test_eval_defaults_and_quick():
+    s = settings_from_args(_parse("eval"))
+    assert s.keeps == (0.5, 0.4, 0.3, 0.2) and s.gen_tokens == 256 and s.lam is None
+    q = settings_from_args(_parse("eval", "--quick", "--no-progress"))
+    assert q.keeps == (0.5,) and q.gen_tokens < 256 and q.progress is False
+    assert q == EvalSettings.quick().__class__(**{**EvalSettings.quick().__dict__, "progress": False})
+
+
+def test_eval_overrides():
+    s = settings_from_args(_parse("eval", "--keeps", "0.5,0.3", "--gen-tokens", "96", "--lam", "0.6",
+                                  "--parts", "heldout", "--length-targets", "0,64"))
+    assert s.keeps == (0.5, 0.3) and s.gen_tokens == 96 and s.lam == 0.6 and s.parts == ("heldout",)
+    assert s.length_targets == (0, 64)
+
+
+@pytest.mark.parametrize("argv", [("eval", "--keeps", "0"), ("eval", "--keeps", "1.5"), ("eval", "--gen-tokens", "0"),
+                                  ("eval", "--sweep-lams", "2")])
+def test_eval_bad_arguments_exit(argv):
+    with pytest.raises(SystemExit):
+        _parse(*argv)
+
+
+def test_eval_bad_parts_and_lambda():
+    with pytest.raises(SystemExit, match="--parts"):
+        settings_from_args(_parse("eval", "--parts", "sweep,nope"))
+    with pytest.raises(SystemExit, match="--lam"):
+        settings_from_args(_parse("eval", "--lam", "1.5"))
+
+
+def test_heldout_configs_cover_the_methods():
+    cs = heldout_configs((0.5, 0.2), 0.75, 0.5)
+    names = {c.key for c in cs}
+    for keep in ("0.5", "0.2"):
+        for n in ("random", "global", "griffin", "a-glass lam=0.75", "i-glass lam=0.5", "a-glass lam=0.75 (text)",
+                  "oracle"):
+            assert f"{n}@{keep}" in names
+
+
+def test_bench_arguments():
+    a = _parse("bench", "x.json", "--compare", "last")
+    assert a.json == "x.json" and a.compare == "last"
