@@ -26,8 +26,11 @@ special tokens, joined with EOS between documents, cut into pieces of ``seq_len 
 piece is fed after a BOS token (so text and NPS statistics see the same first token); the last piece
 may be shorter (padding excluded by the mask).  ``num_sequences=None`` uses the whole text.
 
-Default sizes (``num_sequences=64, seq_len=256, batch_size=32``, ~16k tokens): about 1-2 minutes
-for SmolLM2-135M in fp32 on 2 CPU cores.  The prototype that the issue quotes used 128 x 256.
+Default sizes (``num_sequences=64, seq_len=256, batch_size=32``, ~16k tokens, 512 batched decode
+steps): the target is 1-2 minutes for SmolLM2-135M in fp32 on 2 idle CPU cores, NOT yet measured on an
+idle machine -- on the shared 2-core development machine under a load average of ~10, 8 x 64 tokens
+took 143 s.  The prototype that the issue quotes used 128 x 256.  Smaller runs (``num_sequences=16,
+seq_len=128``) are what the tests and a quick demo use.
 """
 
 from __future__ import annotations
