@@ -97,9 +97,24 @@ def _machine(doc: dict) -> str:
             f"torch {extra.get('torch', '?')}, load average at start {extra.get('loadavg_1m', '?')}")
 
 
+def _load_ratio(doc: dict) -> float | None:
+    """Highest 1-minute load average / cores recorded by the cases (None if not recorded)."""
+    vals = []
+    for b in doc["benchmarks"]:
+        e = b.get("extra_info") or {}
+        if isinstance(e.get("loadavg_1m"), (int, float)) and isinstance(e.get("cores"), int) and e["cores"] > 0:
+            vals.append(e["loadavg_1m"] / e["cores"])
+    return max(vals) if vals else None
+
+
 def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str:
     L = ["# glass_kernels speed report", "",
          f"Run: {doc.get('datetime', '?')}; machine: {_machine(doc)}.", ""]
+    load = _load_ratio(doc)
+    if load is not None and load > 1.0:
+        L += [f"**Warning: the machine was oversubscribed during this run (load average {load:.1f}x the core "
+              "count at the start): absolute times are inflated and ratios are noisy -- a speed-up above its "
+              "Amdahl ceiling is noise, not a real effect. Re-run on an idle machine before quoting numbers.**", ""]
     e2e = e2e_rows(doc)
     if e2e:
         L += ["## End to end (batch 1, fp32, greedy decode; prefill and selection excluded from tokens/s)", "",
