@@ -52,3 +52,21 @@ def test_heldout_configs_cover_the_methods():
 def test_bench_arguments():
     a = _parse("bench", "x.json", "--compare", "last")
     assert a.json == "x.json" and a.compare == "last"
+
+
+def test_merge_results_keeps_other_parts_and_adds_keeps():
+    from glass_kernels.evaluation.cli import merge_results
+
+    old = {"model": "m", "lam_used": {"a-glass": 0.5}, "lambda_sweep": {"best_lam": 1},
+           "heldout": {"prompts": ["a"], "results": {"griffin@0.5": 1, "dense": 0}, "jaccard": {"0.5": 1}},
+           "settings": {"x": 1}, "timing": {"t": 1}}
+    new = {"model": "m", "lam_used": {"a-glass": 0.5}, "settings": {"x": 2}, "timing": {"t": 2},
+           "heldout": {"prompts": ["a"], "results": {"griffin@0.3": 2, "dense": 0}, "jaccard": {"0.3": 2}}}
+    m = merge_results(old, new)
+    assert m["lambda_sweep"] == {"best_lam": 1}
+    assert set(m["heldout"]["results"]) == {"griffin@0.5", "griffin@0.3", "dense"}
+    assert set(m["heldout"]["jaccard"]) == {"0.5", "0.3"}
+    assert len(m["runs"]) == 2
+    # a sweep-only run does not relabel the held-out lambda
+    m2 = merge_results(old, {"lambda_sweep": {"best_lam": 2}, "lam_used": {"a-glass": 0.9}})
+    assert m2["lam_used"] == {"a-glass": 0.5} and m2["lambda_sweep"] == {"best_lam": 2}

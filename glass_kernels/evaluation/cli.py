@@ -68,6 +68,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_pos, default=None, help="torch / C++ core threads")
     p.add_argument("--out", default="reports/eval", help="output folder (one subfolder per model)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the parts of an existing <out>/<model>/results.json that this run does not redo "
+                        "(run sweep / heldout / length separately, one report)")
 
 
 def settings_from_args(args) -> "object":
@@ -110,7 +113,13 @@ def run_eval(args) -> int:
     for name in models:
         t0 = time.perf_counter()
         out = Path(args.out) / name
-        res = evaluate_model(name, settings, checkpoint=lambda r: write_report(r, out, command))
+        old = _previous(out) if getattr(args, "merge", False) else None
+
+        def merged(r):
+            return merge_results(old, r) if old else r
+
+        res = evaluate_model(name, settings, checkpoint=lambda r: write_report(merged(r), out, command))
+        res = merged(res)
         paths = write_report(res, out, command)
         print(f"{name}: {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths))
         h = res.get("heldout")
@@ -122,6 +131,39 @@ def run_eval(args) -> int:
         if sw:
             print(f"tune-split best lambda: {sw['best_lam']}")
     return 0
+
+
+def _previous(out: Path) -> dict | None:
+    import json
+
+    p = out / "results.json"
+    if not p.exists():
+        return None
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """new's parts replace old's; old's other parts stay, with their own settings and commands recorded."""
+    out = dict(old)
+    for k, v in new.items():
+        if k in ("lambda_sweep", "heldout", "prompt_length"):
+            out[k] = v
+    oh, nh = old.get("heldout"), new.get("heldout")
+    if oh and nh and oh["prompts"] == nh["prompts"] and old.get("lam_used") == new.get("lam_used"):
+        # same prompts and lambdas: further keeps are added to the earlier ones
+        out["heldout"] = dict(nh, results={**oh["results"], **nh["results"]},
+                              jaccard={**oh.get("jaccard", {}), **nh.get("jaccard", {})})
+    if "heldout" in new:  # lam_used describes the held-out rows; a sweep-only run must not relabel them
+        out["lam_used"] = new["lam_used"]
+    parts = [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in new]
+    runs = list(old.get("runs", [{"parts": [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in old],
+                                  "settings": old.get("settings"), "timing": old.get("timing")}]))
+    runs.append({"parts": parts, "settings": new.get("settings"), "timing": new.get("timing")})
+    out["runs"] = runs
+    out["timing"] = {f"{'+'.join(r['parts'])}: {k}": v for r in runs for k, v in (r.get("timing") or {}).items()}
+    out["settings"] = new.get("settings", old.get("settings"))
+    return out
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
