@@ -150,11 +150,13 @@ def merge_results(old: dict, new: dict) -> dict:
         if k in ("lambda_sweep", "heldout", "prompt_length"):
             out[k] = v
     oh, nh = old.get("heldout"), new.get("heldout")
-    if oh and nh and oh["prompts"] == nh["prompts"] and old.get("lam_used") == new.get("lam_used"):
+    lam = lambda r: {k: v for k, v in (r.get("lam_used") or {}).items() if k != "chosen_by"}  # noqa: E731
+    if oh and nh and oh["prompts"] == nh["prompts"] and lam(old) == lam(new):
         # same prompts and lambdas: further keeps are added to the earlier ones
         out["heldout"] = dict(nh, results={**oh["results"], **nh["results"]},
                               jaccard={**oh.get("jaccard", {}), **nh.get("jaccard", {})})
-    if "heldout" in new:  # lam_used describes the held-out rows; a sweep-only run must not relabel them
+    if "heldout" in new and lam(old) != lam(new):
+        # lam_used describes the held-out rows; a sweep-only run (or further keeps) must not relabel them
         out["lam_used"] = new["lam_used"]
     parts = [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in new]
     runs = list(old.get("runs", [{"parts": [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in old],

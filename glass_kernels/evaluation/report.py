@@ -238,7 +238,7 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
                 ax.set_ylabel("Jaccard with oracle set")
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=8)
-            fig.suptitle(f"{name}: overlap of the chosen neurons with the oracle (continuation) set")
+            fig.suptitle(f"{name}: Jaccard of the chosen neurons\nwith the oracle (continuation) set", fontsize=10)
             fig.tight_layout()
             p = out_dir / "jaccard_layers.png"
             fig.savefig(p, dpi=110)
