@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from glass_kernels import _ext
+from tolerances import assert_close_derived, derived_tolerance  # noqa: F401 (re-exported)
 
 
 def _seed_for(nodeid: str) -> int:
@@ -42,26 +43,6 @@ def isa(request):
     with _ext.isa(request.param):
         yield request.param
 
-
-def derived_tolerance(err_torch: float, scale: float, eps_rel: float = 1e-6) -> float:
-    """The project's tolerance rule, written once.
-
-    ``err_torch`` is the max abs error of plain torch in the same dtype against an fp64 oracle;
-    the path under test may err by about twice that, plus a tiny epsilon relative to the scale of
-    the result (so exact-zero torch errors on trivial inputs do not demand bitwise equality).
-    """
-    return 2.0 * err_torch + eps_rel * max(scale, 1e-30)
-
-
-def assert_close_derived(actual: torch.Tensor, oracle: torch.Tensor, torch_same_dtype: torch.Tensor,
-                         what: str = "result") -> None:
-    """assert max|actual - oracle| <= 2 * max|torch_same_dtype - oracle| + eps (oracle in fp64)."""
-    oracle = oracle.double()
-    err_torch = (torch_same_dtype.double() - oracle).abs().max().item() if oracle.numel() else 0.0
-    err = (actual.double() - oracle).abs().max().item() if oracle.numel() else 0.0
-    scale = oracle.abs().max().item() if oracle.numel() else 0.0
-    tol = derived_tolerance(err_torch, scale)
-    assert err <= tol, f"{what}: max abs error {err:.3e} > tolerance {tol:.3e} (torch's own error {err_torch:.3e})"
 
 
 @pytest.fixture(name="assert_close_derived")

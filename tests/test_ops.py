@@ -2,7 +2,7 @@
 
 Every dispatched path is checked: the C++ core on each ISA this CPU supports (skipped with the
 reason when the extension is missing) and the torch reference. Tolerances follow the one rule in
-conftest.assert_close_derived: at most ~2x plain torch's own error in the same dtype (computed
+tolerances.assert_close_derived: at most ~2x plain torch's own error in the same dtype (computed
 against the same fp64 oracle), plus a tiny epsilon. select_neurons is integer-valued: exact.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import glass_kernels
 from glass_kernels import _ext, ops, reference
 
-from conftest import assert_close_derived
+from tolerances import assert_close_derived
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTS = ["silu", "gelu_tanh", "gelu", "relu"]
