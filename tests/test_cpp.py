@@ -47,7 +47,7 @@ def test_forced_scalar_path(cpp_build):
     res = subprocess.run([str(exe), "--isa-report"], env=env, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "(current scalar)" in res.stdout, res.stdout
+    assert "(current scalar:" in res.stdout, res.stdout
 
 
 # ---- the pybind11 module glass_kernels._C (pointers as ints, errors as Python exceptions) ----

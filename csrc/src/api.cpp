@@ -20,6 +20,43 @@ namespace {
 thread_local char g_error[512] = "";
 std::atomic<int> g_threads{0};  // 0: OpenMP default
 
+#if defined(GLASS_HAVE_NEON)
+// GLASS_ISA_NEON_EXT: plain NEON, with the fp16 and bf16 kernels replaced by the extension kernels
+// this build has and this CPU runs (each extension is optional on its own in ARMv8.2-8.5).
+const FfnTable& neon_ext_table() {
+  static const FfnTable tab = [] {
+    FfnTable t = neon::kTable;
+#if defined(GLASS_HAVE_NEON_FHM)
+    if (cpu_has_neon_fhm()) {
+      t.ffn[GLASS_F16] = neon_fhm::kFfnF16;
+      t.ffn_name[GLASS_F16] = "f16_sparse_ffn__neon_fhm";
+      t.mlp_name[GLASS_F16] = "f16_sparse_mlp__neon_fhm";
+    }
+#endif
+#if defined(GLASS_HAVE_NEON_BF16)
+    if (cpu_has_neon_bf16()) {
+      t.ffn[GLASS_BF16] = neon_bf16::kFfnBf16;
+      t.ffn_name[GLASS_BF16] = "bf16_sparse_ffn__neon_bf16";
+      t.mlp_name[GLASS_BF16] = "bf16_sparse_mlp__neon_bf16";
+    }
+#endif
+    return t;
+  }();
+  return tab;
+}
+
+bool neon_ext_usable() {
+  bool any = false;
+#if defined(GLASS_HAVE_NEON_FHM)
+  any = any || cpu_has_neon_fhm();
+#endif
+#if defined(GLASS_HAVE_NEON_BF16)
+  any = any || cpu_has_neon_bf16();
+#endif
+  return any && cpu_has_neon();
+}
+#endif
+
 const FfnTable* table_for(glass_isa isa) {
   switch (isa) {
     case GLASS_ISA_SCALAR: return &scalar::kTable;
@@ -31,6 +68,7 @@ const FfnTable* table_for(glass_isa isa) {
 #endif
 #if defined(GLASS_HAVE_NEON)
     case GLASS_ISA_NEON: return &neon::kTable;
+    case GLASS_ISA_NEON_EXT: return &neon_ext_table();
 #endif
     default: return nullptr;
   }
@@ -50,6 +88,7 @@ bool supported(glass_isa isa) {
 #endif
 #if defined(GLASS_HAVE_NEON)
     case GLASS_ISA_NEON: return cpu_has_neon();
+    case GLASS_ISA_NEON_EXT: return neon_ext_usable();
 #endif
     default: return false;
   }
@@ -58,6 +97,7 @@ bool supported(glass_isa isa) {
 glass_isa best_isa() {
   if (supported(GLASS_ISA_AVX512)) return GLASS_ISA_AVX512;
   if (supported(GLASS_ISA_AVX2)) return GLASS_ISA_AVX2;
+  if (supported(GLASS_ISA_NEON_EXT)) return GLASS_ISA_NEON_EXT;
   if (supported(GLASS_ISA_NEON)) return GLASS_ISA_NEON;
   return GLASS_ISA_SCALAR;
 }
@@ -68,7 +108,7 @@ glass_isa best_isa() {
 glass_isa initial_isa() {
   const char* env = std::getenv("GLASS_ISA");
   if (!env || !*env || std::strcmp(env, "auto") == 0) return best_isa();
-  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON; ++i) {
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON_EXT; ++i) {
     glass_isa isa = static_cast<glass_isa>(i);
     if (std::strcmp(env, glass_isa_name(isa)) == 0) {
       if (supported(isa)) return isa;
@@ -77,7 +117,7 @@ glass_isa initial_isa() {
       return best_isa();
     }
   }
-  set_error("GLASS_ISA=%s is unknown (scalar|avx2|avx512|neon|auto); using %s", env,
+  set_error("GLASS_ISA=%s is unknown (scalar|avx2|avx512|neon|neon_ext|auto); using %s", env,
             glass_isa_name(best_isa()));
   return best_isa();
 }
@@ -340,7 +380,7 @@ glass_status glass_select_neurons(const float* local, int64_t B, int64_t D,
 
 glass_status glass_set_isa(glass_isa isa) {
   g_error[0] = '\0';
-  if (isa < GLASS_ISA_AUTO || isa > GLASS_ISA_NEON) {
+  if (isa < GLASS_ISA_AUTO || isa > GLASS_ISA_NEON_EXT) {
     set_error("set_isa: isa = %d is not a glass_isa", static_cast<int>(isa));
     return GLASS_ERR_ARG;
   }
@@ -367,6 +407,7 @@ const char* glass_isa_name(glass_isa isa) {
     case GLASS_ISA_AVX2: return "avx2";
     case GLASS_ISA_AVX512: return "avx512";
     case GLASS_ISA_NEON: return "neon";
+    case GLASS_ISA_NEON_EXT: return "neon_ext";
     default: return "unknown";
   }
 }

@@ -48,14 +48,31 @@ bool cpu_has_avx2() { return x86().avx2; }
 bool cpu_has_avx512() { return x86().avx512; }
 bool cpu_has_avx512bf16() { return x86().avx512bf16; }
 bool cpu_has_neon() { return false; }
+bool cpu_has_neon_fhm() { return false; }
+bool cpu_has_neon_bf16() { return false; }
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 bool cpu_has_avx512bf16() { return false; }
 #if defined(__aarch64__)
+// Linux's bits (asm/hwcap.h), spelled out so that older C libraries' headers still build.
+constexpr unsigned long kHwcapAsimdHp = 1ul << 10;   // HWCAP_ASIMDHP: fp16 vector arithmetic
+constexpr unsigned long kHwcapAsimdFhm = 1ul << 23;  // HWCAP_ASIMDFHM: FMLAL/FMLSL
+constexpr unsigned long kHwcap2Bf16 = 1ul << 14;     // HWCAP2_BF16: BFDOT, BFMLALB/T, ...
 bool cpu_has_neon() { return true; }  // Advanced SIMD is mandatory in AArch64
+bool cpu_has_neon_fhm() {
+  static const bool has = (getauxval(AT_HWCAP) & (kHwcapAsimdHp | kHwcapAsimdFhm)) ==
+                          (kHwcapAsimdHp | kHwcapAsimdFhm);
+  return has;
+}
+bool cpu_has_neon_bf16() {
+  static const bool has = (getauxval(AT_HWCAP2) & kHwcap2Bf16) != 0;
+  return has;
+}
 #else
 bool cpu_has_neon() { return false; }
+bool cpu_has_neon_fhm() { return false; }
+bool cpu_has_neon_bf16() { return false; }
 #endif
 #endif
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "glass/glass.h"
 
@@ -55,12 +56,21 @@ namespace avx512 { extern const FfnTable kTable; }
 #if defined(GLASS_HAVE_NEON)
 namespace neon { extern const FfnTable kTable; }
 #endif
+// NEON extension kernels, one dtype each (the rest of GLASS_ISA_NEON_EXT's table is plain NEON).
+#if defined(GLASS_HAVE_NEON_FHM)
+namespace neon_fhm { extern const ffn_fn kFfnF16; }
+#endif
+#if defined(GLASS_HAVE_NEON_BF16)
+namespace neon_bf16 { extern const ffn_fn kFfnBf16; }
+#endif
 
 // CPU feature detection (cpu_features.cpp).
 bool cpu_has_avx2();    // AVX2 + FMA + F16C, OS saves YMM state
 bool cpu_has_avx512();  // AVX-512 F/BW/VL/DQ, OS saves ZMM/opmask state
 bool cpu_has_avx512bf16();
 bool cpu_has_neon();
+bool cpu_has_neon_fhm();   // FEAT_FHM (FMLAL) and FEAT_FP16, from HWCAP
+bool cpu_has_neon_bf16();  // FEAT_BF16 (BFMLALB/T), from HWCAP2
 
 void set_error(const char* fmt, ...);  // api.cpp: thread-local message
 

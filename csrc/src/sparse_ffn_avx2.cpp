@@ -18,6 +18,8 @@ namespace avx2 {
 namespace {
 
 constexpr int kTile = 4;
+template <class W>
+constexpr bool kDotNativeX = false;  // dot products read x in fp32
 
 // ---- loads: 8 weights -> 8 fp32 ----
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -250,6 +252,10 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
 }
 
 #include "ffn_driver.inc"
+
+static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
+static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
+static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
 
 }  // namespace
 

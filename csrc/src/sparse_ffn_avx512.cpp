@@ -24,6 +24,8 @@ namespace avx512 {
 namespace {
 
 constexpr int kTile = 8;
+template <class W>
+constexpr bool kDotNativeX = false;  // dot products read x in fp32
 
 
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -257,6 +259,10 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
 }
 
 #include "ffn_driver.inc"
+
+static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
+static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
+static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
 
 }  // namespace
 

@@ -2,7 +2,8 @@
 // file (64-byte steps with one prefetch per line of the next selected neuron's rows, 4-token tiles,
 // independent accumulators). fp16 weights widen with vcvt_f32_f16 and bf16 with a 16-bit shift,
 // both in the AArch64 baseline. Compiled only when the target is aarch64 (CMakeLists.txt), where
-// Advanced SIMD is mandatory. The ARM issue extends this file (fp16/bf16 arithmetic extensions).
+// Advanced SIMD is mandatory. GLASS_ISA_NEON_EXT swaps in the FEAT_FHM (fp16) and FEAT_BF16 (bf16)
+// kernels of sparse_ffn_neon_{fhm,bf16}.cpp where the CPU has them.
 #include <arm_neon.h>
 
 #include "internal.h"
@@ -13,6 +14,8 @@ namespace neon {
 namespace {
 
 constexpr int kTile = 4;
+template <class W>
+constexpr bool kDotNativeX = false;  // dot products read x in fp32
 
 static inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
 static inline float32x4_t load4(const bf16_t* p) {
@@ -197,6 +200,10 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
 }
 
 #include "ffn_driver.inc"
+
+static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
+static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
+static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
 
 }  // namespace
 

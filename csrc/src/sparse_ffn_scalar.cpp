@@ -8,6 +8,8 @@ namespace scalar {
 namespace {
 
 constexpr int kTile = 4;
+template <class W>
+constexpr bool kDotNativeX = false;  // dot products read x in fp32
 
 template <class W>
 static void cvt_to_f32(const W* src, float* dst, int64_t n) {
@@ -52,6 +54,10 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
 }
 
 #include "ffn_driver.inc"
+
+static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
+static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
+static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
 
 }  // namespace
 

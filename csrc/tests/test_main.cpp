@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -200,7 +201,7 @@ std::vector<double> run_ffn_case(const FfnCase& c, uint32_t seed, std::vector<do
 
 std::vector<glass_isa> supported_isas() {
   std::vector<glass_isa> v;
-  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON; ++i)
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON_EXT; ++i)
     if (glass_isa_supported(static_cast<glass_isa>(i))) v.push_back(static_cast<glass_isa>(i));
   return v;
 }
@@ -449,9 +450,30 @@ void test_names() {
   for (glass_isa isa : supported_isas()) {
     glass_set_isa(isa);
     std::string n = glass_kernel_name(GLASS_BF16, 1);
-    CHECK(n == std::string("bf16_sparse_ffn__") + glass_isa_name(isa), "kernel name %s", n.c_str());
+    // neon_ext runs per dtype either an extension kernel (..._neon_bf16) or plain NEON (..._neon).
+    const std::string want = std::string("bf16_sparse_ffn__") +
+                             (isa == GLASS_ISA_NEON_EXT ? "neon" : glass_isa_name(isa));
+    CHECK(n.compare(0, want.size(), want) == 0, "kernel name %s", n.c_str());
   }
   glass_set_isa(GLASS_ISA_AUTO);
+  // GLASS_EXPECT_KERNELS=name,name,...: the gated kernels the automatic choice must run (CI sets it
+  // per emulated CPU, so a run that silently fell back to another path fails).
+  const char* expect = std::getenv("GLASS_EXPECT_KERNELS");
+  if (expect && *expect) {
+    std::string list(expect);
+    size_t pos = 0;
+    while (pos <= list.size()) {
+      size_t end = list.find(',', pos);
+      if (end == std::string::npos) end = list.size();
+      const std::string name = list.substr(pos, end - pos);
+      pos = end + 1;
+      if (name.empty()) continue;
+      bool found = false;
+      for (glass_dtype dt : {GLASS_F32, GLASS_F16, GLASS_BF16}) found = found || name == glass_kernel_name(dt, 1);
+      CHECK(found, "GLASS_EXPECT_KERNELS: %s is not what the automatic ISA (%s) runs", name.c_str(),
+            glass_isa_name(glass_get_isa()));
+    }
+  }
 }
 
 }  // namespace
@@ -459,7 +481,9 @@ void test_names() {
 int main(int argc, char** argv) {
   std::printf("glass core tests; ISAs:");
   for (glass_isa isa : supported_isas()) std::printf(" %s", glass_isa_name(isa));
-  std::printf(" (current %s)\n", glass_isa_name(glass_get_isa()));
+  std::printf(" (current %s: %s, %s, %s)\n", glass_isa_name(glass_get_isa()),
+              glass_kernel_name(GLASS_F32, 1), glass_kernel_name(GLASS_F16, 1),
+              glass_kernel_name(GLASS_BF16, 1));
   // --isa-report: only print the ISA chosen at load time (checks the GLASS_ISA override).
   if (argc > 1 && std::strcmp(argv[1], "--isa-report") == 0) return 0;
   test_errors();
