@@ -70,3 +70,23 @@ def test_merge_results_keeps_other_parts_and_adds_keeps():
     # a sweep-only run does not relabel the held-out lambda
     m2 = merge_results(old, {"lambda_sweep": {"best_lam": 2}, "lam_used": {"a-glass": 0.9}})
     assert m2["lam_used"] == {"a-glass": 0.5} and m2["lambda_sweep"] == {"best_lam": 2}
+
+
+def test_merge_results_describes_the_newest_run_and_records_each():
+    from glass_kernels.evaluation.cli import merge_results
+    from glass_kernels.evaluation.report import _run_line
+
+    stats_old = {"nps": {"num_sequences": 16, "seq_len": 128, "num_tokens": 2048}}
+    stats_new = {"nps": {"num_sequences": 64, "seq_len": 256, "num_tokens": 14711}}
+    old = {"model": "m", "lambda_sweep": {"best_lam": 1}, "stats": stats_old, "machine": {"torch_threads": 1},
+           "settings": {"gen_tokens": 96, "n_tune": 6}, "timing": {}}
+    new = {"model": "m", "heldout": {"prompts": ["a"], "results": {}}, "stats": stats_new,
+           "machine": {"torch_threads": 2}, "command": "python -m glass_kernels eval --parts heldout",
+           "settings": {"gen_tokens": 256, "n_heldout": None, "keeps": [0.5]}, "timing": {}}
+    m = merge_results(old, new)
+    assert m["stats"] == stats_new and m["machine"] == {"torch_threads": 2}
+    assert [r["stats"] for r in m["runs"]] == [stats_old, stats_new]
+    line = _run_line(m["runs"][1])
+    assert "all held-out prompts" in line and "64x256 (14711 tokens)" in line and "256-token" in line
+    assert "--parts heldout" in line
+    assert "6 tune prompts" in _run_line(m["runs"][0])

@@ -118,7 +118,12 @@ def run_eval(args) -> int:
         def merged(r):
             return merge_results(old, r) if old else r
 
-        res = evaluate_model(name, settings, checkpoint=lambda r: write_report(merged(r), out, command))
+        def checkpoint(r):
+            r["command"] = command
+            write_report(merged(r), out, command)
+
+        res = evaluate_model(name, settings, checkpoint=checkpoint)
+        res["command"] = command
         res = merged(res)
         paths = write_report(res, out, command)
         print(f"{name}: {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths))
@@ -143,6 +148,11 @@ def _previous(out: Path) -> dict | None:
         return json.load(f)
 
 
+def _run_record(res: dict, parts: list) -> dict:
+    return {"parts": parts, "settings": res.get("settings"), "timing": res.get("timing"),
+            "stats": res.get("stats"), "machine": res.get("machine"), "command": res.get("command")}
+
+
 def merge_results(old: dict, new: dict) -> dict:
     """new's parts replace old's; old's other parts stay, with their own settings and commands recorded."""
     out = dict(old)
@@ -158,10 +168,15 @@ def merge_results(old: dict, new: dict) -> dict:
     if "heldout" in new and lam(old) != lam(new):
         # lam_used describes the held-out rows; a sweep-only run (or further keeps) must not relabel them
         out["lam_used"] = new["lam_used"]
+    # machine and statistics describe the newest run (the held-out rows, if it has them); each run's
+    # own are kept in "runs", so the report can say which part came from which sizes.
+    for k in ("machine", "stats", "command"):
+        if k in new:
+            out[k] = new[k]
     parts = [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in new]
-    runs = list(old.get("runs", [{"parts": [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in old],
-                                  "settings": old.get("settings"), "timing": old.get("timing")}]))
-    runs.append({"parts": parts, "settings": new.get("settings"), "timing": new.get("timing")})
+    runs = list(old.get("runs", [_run_record(old, [k for k in ("lambda_sweep", "heldout", "prompt_length")
+                                                    if k in old])]))
+    runs.append(_run_record(new, parts))
     out["runs"] = runs
     out["timing"] = {f"{'+'.join(r['parts'])}: {k}": v for r in runs for k, v in (r.get("timing") or {}).items()}
     out["settings"] = new.get("settings", old.get("settings"))

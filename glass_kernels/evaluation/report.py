@@ -73,6 +73,26 @@ def _keep_table(h: dict, metric: str, nd: int) -> list[str]:
     return lines
 
 
+def _run_line(run: dict) -> str:
+    s = run.get("settings") or {}
+    bits = [" + ".join(run.get("parts") or []) or "(no parts)"]
+    if "heldout" in (run.get("parts") or []):
+        bits.append(f"{s.get('n_heldout') or 'all'} held-out prompts, keeps {', '.join(map(str, s.get('keeps', [])))}")
+    if "lambda_sweep" in (run.get("parts") or []):
+        bits.append(f"{s.get('n_tune')} tune prompts")
+    bits.append(f"{s.get('gen_tokens')}-token continuations")
+    st = run.get("stats") or {}
+    if st:
+        bits.append("statistics " + ", ".join(f"{k} {v.get('num_sequences')}x{v.get('seq_len')} ({v.get('num_tokens')} tokens)"
+                                               for k, v in st.items()))
+    m = run.get("machine") or {}
+    if m.get("torch_threads"):
+        bits.append(f"{m['torch_threads']} threads")
+    if run.get("command"):
+        bits.append(f"`{run['command']}`")
+    return "; ".join(bits)
+
+
 def markdown_report(res: dict, command: str | None = None) -> str:
     name = res["model"]
     L = [f"# GLASS evaluation: {name}", ""]
@@ -92,6 +112,11 @@ def markdown_report(res: dict, command: str | None = None) -> str:
           f"({res['stats']['nps']['num_sequences']} self-generated sequences x {res['stats']['nps']['seq_len']} "
           f"tokens, {res['stats']['nps']['num_tokens']} tokens) unless marked (text) = "
           f"{res['stats']['text']['text']} ({res['stats']['text']['num_tokens']} tokens).", ""]
+    runs = res.get("runs") or []
+    if len(runs) > 1:
+        L += [f"This report merges {len(runs)} runs (`--merge`); a later run's part replaces an earlier one's, "
+              "so the newest run that has a part is the one shown:", ""]
+        L += [f"- run {i + 1}: {_run_line(r)}" for i, r in enumerate(runs)] + [""]
     lu = res.get("lam_used", {})
     if lu:
         L += [f"lambda used on the held-out prompts: A-GLASS {lu.get('a-glass')}, I-GLASS {lu.get('i-glass')} "
