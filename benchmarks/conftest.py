@@ -12,6 +12,8 @@ import platform
 import pytest
 import torch
 
+from glass_kernels.machine import cpu_name
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: the small subset run by GLASS_BENCH_QUICK=1")
@@ -22,20 +24,9 @@ def quick_mode() -> bool:
     return os.environ.get("GLASS_BENCH_QUICK", "0") not in ("", "0", "false", "no")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict:
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "arch": platform.machine(),
         "torch": torch.__version__,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .machine import cpu_name
 
 __all__ = ["main", "build_parser", "stats_cache_path", "DEFAULT_PROMPTS"]
 
@@ -69,17 +70,6 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _kernel_info() -> str:
     try:
         from . import _C  # type: ignore[attr-defined]
@@ -91,7 +81,7 @@ def _kernel_info() -> str:
 
 def machine_info(dtype: torch.dtype) -> str:
     return (
-        f"machine: {_cpu_name()} | {os.cpu_count()} logical CPUs | torch {torch.__version__}, "
+        f"machine: {cpu_name()} | {os.cpu_count()} logical CPUs | torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads | dtype {str(dtype).replace('torch.', '')} | kernels: {_kernel_info()}"
     )
 

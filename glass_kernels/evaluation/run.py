@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..machine import cpu_name
 from .metrics import TokenScores, jaccard_layers, kl_per_token, nll_per_token, top1_agree
 
 logger = logging.getLogger(__name__)
@@ -550,14 +551,7 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    info["cpu"] = cpu_name()
     try:
         from .. import _ext
 
