@@ -27,7 +27,11 @@ def tables(data: dict) -> str:
                      f"{data.get('datetime', '')}")
         loads = [b["extra_info"].get("loadavg_1m") for b in benches if "loadavg_1m" in b["extra_info"]]
         if loads:
-            lines.append(f"Load average during the run (1 min): {min(loads):.1f} to {max(loads):.1f}")
+            lines.append(f"Load average during the run (1 min, own threads included): {min(loads):.1f} to "
+                         f"{max(loads):.1f}")
+        others = [b["extra_info"]["other_load_cores"] for b in benches if "other_load_cores" in b["extra_info"]]
+        if others:
+            lines.append(f"Other processes' CPU use during the cases: {min(others):.2f} to {max(others):.2f} cores")
         lines.append("")
     if decode:
         lines += ["| d x D | dtype | threads | keep | impl | median ms | GB/s | x dense | x compact |",

@@ -67,6 +67,8 @@ def test_merge_results_keeps_other_parts_and_adds_keeps():
     assert set(m["heldout"]["results"]) == {"griffin@0.5", "griffin@0.3", "dense"}
     assert set(m["heldout"]["jaccard"]) == {"0.5", "0.3"}
     assert len(m["runs"]) == 2
+    # two runs of the same part keep their own timings
+    assert m["timing"] == {"run 1 (lambda_sweep+heldout): t": 1, "run 2 (heldout): t": 2}
     # a sweep-only run does not relabel the held-out lambda
     m2 = merge_results(old, {"lambda_sweep": {"best_lam": 2}, "lam_used": {"a-glass": 0.9}})
     assert m2["lam_used"] == {"a-glass": 0.5} and m2["lambda_sweep"] == {"best_lam": 2}

@@ -118,3 +118,27 @@ def test_bench_rejects_non_benchmark_json(tmp_path):
     p.write_text("{}")
     with pytest.raises(ValueError, match="pytest-benchmark"):
         BR.load_bench(p)
+
+
+def test_eval_report_lists_only_the_plots_it_wrote(tmp_path):
+    res = fake_results()
+    del res["prompt_length"], res["lambda_sweep"]
+    paths = REP.write_report(res, tmp_path)
+    written = sorted(p.name for p in paths if p.suffix == ".png")
+    assert written == ["jaccard_layers.png", "quality_vs_keep.png"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Plots: quality_vs_keep.png, jaccard_layers.png. Every number" in md
+
+
+def test_bench_report_warns_on_competing_load_not_on_its_own_threads():
+    quiet = fake_bench()
+    for b in quiet["benchmarks"][:5]:
+        b["extra_info"].update(other_load_cores=0.02, loadavg_1m=2.1, cores=2)  # own threads: load ~2
+    md = BR.markdown(quiet)
+    assert "Other processes used 0.02 cores" in md and "Warning" not in md
+    busy = fake_bench()
+    busy["benchmarks"][1]["extra_info"].update(other_load_cores=0.9)
+    assert "Warning: other processes competed with this run (up to 0.90 cores)" in BR.markdown(busy)
+    old = fake_bench()  # history from before other_load_cores: the load-average rule still applies
+    old["benchmarks"][0]["extra_info"].update(loadavg_1m=3.0, cores=2)
+    assert "oversubscribed" in BR.markdown(old)

@@ -94,11 +94,19 @@ def _machine(doc: dict) -> str:
         if extra:
             break
     return (f"{extra.get('cpu') or cpu or '?'}, {extra.get('cores', '?')} cores, ISA {extra.get('isa', '?')}, "
-            f"torch {extra.get('torch', '?')}, load average at start {extra.get('loadavg_1m', '?')}")
+            f"torch {extra.get('torch', '?')}, 1-min load average after the first case {extra.get('loadavg_1m', '?')}")
+
+
+def _other_load(doc: dict) -> tuple[float, float] | None:
+    """(mean, highest) cores' worth of CPU that other processes used during the cases (benchmarks/conftest.py
+    measures it as machine busy time minus the benchmark's own); None for runs that did not record it."""
+    vals = [b["extra_info"]["other_load_cores"] for b in doc["benchmarks"]
+            if isinstance((b.get("extra_info") or {}).get("other_load_cores"), (int, float))]
+    return (sum(vals) / len(vals), max(vals)) if vals else None
 
 
 def _load_ratio(doc: dict) -> float | None:
-    """Highest 1-minute load average / cores recorded by the cases (None if not recorded)."""
+    """Older runs only: highest 1-minute load average / cores (it includes the benchmark's own threads)."""
     vals = []
     for b in doc["benchmarks"]:
         e = b.get("extra_info") or {}
@@ -107,14 +115,31 @@ def _load_ratio(doc: dict) -> float | None:
     return max(vals) if vals else None
 
 
+def _load_lines(doc: dict) -> list[str]:
+    """What competed with the run, and a warning when it was enough to move the ratios."""
+    other = _other_load(doc)
+    if other is not None:
+        mean, worst = other
+        line = (f"Other processes used {mean:.2f} cores on average during the cases "
+                f"(busiest case {worst:.2f}); the run's own threads are not counted.")
+        if worst > 0.25:
+            return [line, "", "**Warning: other processes competed with this run (up to "
+                    f"{worst:.2f} cores): absolute times are inflated and ratios are noisy. Re-run on an idle "
+                    "machine before quoting numbers.**", ""]
+        return [line, ""]
+    load = _load_ratio(doc)
+    if load is not None and load > 1.0:
+        return [f"**Warning: the machine was oversubscribed during this run (load average {load:.1f}x the core "
+                "count, the run's own threads included): absolute times are inflated and ratios are noisy -- a "
+                "speed-up above its Amdahl ceiling is noise, not a real effect. Re-run on an idle machine before "
+                "quoting numbers.**", ""]
+    return []
+
+
 def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str:
     L = ["# glass_kernels speed report", "",
          f"Run: {doc.get('datetime', '?')}; machine: {_machine(doc)}.", ""]
-    load = _load_ratio(doc)
-    if load is not None and load > 1.0:
-        L += [f"**Warning: the machine was oversubscribed during this run (load average {load:.1f}x the core "
-              "count at the start): absolute times are inflated and ratios are noisy -- a speed-up above its "
-              "Amdahl ceiling is noise, not a real effect. Re-run on an idle machine before quoting numbers.**", ""]
+    L += _load_lines(doc)
     e2e = e2e_rows(doc)
     if e2e:
         L += ["## End to end (batch 1, fp32, greedy decode; prefill and selection excluded from tokens/s)", "",

@@ -178,7 +178,9 @@ def merge_results(old: dict, new: dict) -> dict:
                                                     if k in old])]))
     runs.append(_run_record(new, parts))
     out["runs"] = runs
-    out["timing"] = {f"{'+'.join(r['parts'])}: {k}": v for r in runs for k, v in (r.get("timing") or {}).items()}
+    # keyed by run number: two runs of the same part (e.g. further keeps) must not overwrite each other
+    out["timing"] = {f"run {i} ({'+'.join(r['parts'])}): {k}": v
+                     for i, r in enumerate(runs, 1) for k, v in (r.get("timing") or {}).items()}
     out["settings"] = new.get("settings", old.get("settings"))
     return out
 

@@ -182,8 +182,17 @@ def markdown_report(res: dict, command: str | None = None) -> str:
     t = res.get("timing", {})
     if t:
         L += ["## Run time", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
-    L += ["Plots: quality_vs_keep.png, jaccard_layers.png, kl_vs_lambda.png, prompt_length.png. Every number: results.json.", ""]
+    L += [f"Plots: {', '.join(plot_names(res)) or 'none'}. Every number: results.json.", ""]
     return "\n".join(L)
+
+
+def plot_names(res: dict) -> list[str]:
+    """The plots make_plots writes for these results (a part that did not run has none)."""
+    h = res.get("heldout") or {}
+    return [name for name, present in (("quality_vs_keep.png", bool(h)),
+                                       ("jaccard_layers.png", bool(h.get("jaccard"))),
+                                       ("kl_vs_lambda.png", bool(res.get("lambda_sweep"))),
+                                       ("prompt_length.png", bool(res.get("prompt_length")))) if present]
 
 
 def verdict(h: dict, keep: float) -> str:
