@@ -142,3 +142,10 @@ def test_bench_report_warns_on_competing_load_not_on_its_own_threads():
     old = fake_bench()  # history from before other_load_cores: the load-average rule still applies
     old["benchmarks"][0]["extra_info"].update(loadavg_1m=3.0, cores=2)
     assert "oversubscribed" in BR.markdown(old)
+
+
+def test_bench_speedup_uses_the_paired_dense_runs_when_recorded():
+    doc = fake_bench()
+    doc["benchmarks"][2]["extra_info"]["dense_paired_median_s"] = 1.2  # dense drifted slower during this case
+    r = BR.e2e_rows(doc)["m"]["decode"][0.5]
+    assert r["speedup"] == pytest.approx(1.5)  # 1.2 / 0.8, not the dense row's 1.0 / 0.8
