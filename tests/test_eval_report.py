@@ -59,6 +59,9 @@ def test_eval_report_files_and_content(tmp_path):
     assert "| a-glass lam=0.75 | 1.500 ± 0.100 | -25.0% | 20.00 | 0.500 |" in md
     assert "in 2 of 2 layers" in md  # aggregated >= local and global in both fake layers
     assert "Best lambda (lowest tune KL): A-GLASS 0.5" in md
+    # prompt length: best lambda's KL against GRIFFIN's (lambda 0) per context size
+    assert "| +0 | 30 | 2.000 | 1.500 | 0.5 | -25.0% |" in md
+    assert "| +64 | 94 | 1.200 | 1.300 | 0 | +0.0% |" in md
 
 
 def test_eval_report_partial_results(tmp_path):

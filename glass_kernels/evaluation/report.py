@@ -37,6 +37,11 @@ def write_results(res: dict, out_dir: Path) -> Path:
     return p
 
 
+def _pct(x: float, ref: float) -> str:
+    """x relative to ref, as a signed percentage ("-12.3%")."""
+    return f"{100 * (x / ref - 1):+.1f}%" if ref else "-"
+
+
 def _fmt(x, nd=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -168,16 +173,19 @@ def markdown_report(res: dict, command: str | None = None) -> str:
         L += [f"Best lambda (lowest tune KL): A-GLASS {sw['best_lam']['a-glass']}, I-GLASS {sw['best_lam']['i-glass']}.", ""]
     pl = res.get("prompt_length")
     if pl:
+        gen_tokens = pl.get("gen_tokens", s.get("length_gen_tokens"))
         L += [f"## Prompt-length dependence (tune prompts {len(pl['prompts'])}, keep {pl['keep']}, A-GLASS, "
-              f"{s['length_gen_tokens']}-token continuations)", "",
-              "Context = other prompts of the same kind prepended. KL by lambda (0 = GRIFFIN, 1 = global only):", ""]
+              f"{gen_tokens}-token continuations)", "",
+              "Context = other prompts of the same kind prepended. KL by lambda (0 = GRIFFIN, 1 = global only); "
+              "the last column is the best lambda's KL relative to GRIFFIN's (how much the prior still adds):", ""]
         lams = sorted({float(l) for r in pl["rows"] for l in r["by_lam"]})
-        L += ["| context tokens | prompt tokens | " + " | ".join(f"{l:g}" for l in lams) + " | best lambda |",
-              "|---|---|" + "---|" * (len(lams) + 1)]
+        L += ["| context tokens | prompt tokens | " + " | ".join(f"{l:g}" for l in lams)
+              + " | best lambda | best vs GRIFFIN |", "|---|---|" + "---|" * (len(lams) + 2)]
         for r in pl["rows"]:
-            vals = [_fmt(r["by_lam"][f"{l:g}"]["kl"]) for l in lams]
-            L.append(f"| +{r['context_tokens']} | {r['prompt_tokens_mean']:.0f} | " + " | ".join(vals)
-                     + f" | {r['best_lam']:g} |")
+            kl = {l: r["by_lam"][f"{l:g}"]["kl"] for l in lams}
+            gain = _pct(kl[r["best_lam"]], kl[0.0]) if 0.0 in kl else "-"
+            L.append(f"| +{r['context_tokens']} | {r['prompt_tokens_mean']:.0f} | "
+                     + " | ".join(_fmt(kl[l]) for l in lams) + f" | {r['best_lam']:g} | {gain} |")
         L += [""]
     t = res.get("timing", {})
     if t:

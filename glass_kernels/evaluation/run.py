@@ -541,7 +541,8 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
             rows.append({"context_tokens": target, "prompt_tokens_mean": sum(map(len, ids)) / len(ids),
                          "by_lam": by_lam, "best_lam": best.lam, "dense": summ["dense"]})
         timing["length_s"] = round(time.perf_counter() - t, 1)
-        res["prompt_length"] = {"prompts": [p["id"] for p in items], "keep": 0.5, "rows": rows}
+        res["prompt_length"] = {"prompts": [p["id"] for p in items], "keep": 0.5,
+                                "gen_tokens": settings.length_gen_tokens, "rows": rows}
     timing["total_s"] = round(time.perf_counter() - t_start, 1)
     res["timing"] = timing
     del model
