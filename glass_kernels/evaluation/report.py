@@ -320,6 +320,9 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
         axes[1].plot(x, [r["by_lam"]["0"]["kl"] for r in pl["rows"]], marker="o", label="GRIFFIN (lambda 0)")
         axes[1].plot(x, [min(v["kl"] for v in r["by_lam"].values()) for r in pl["rows"]], marker="o",
                      label="A-GLASS, best lambda")
+        if all("1" in r["by_lam"] for r in pl["rows"]):
+            axes[1].plot(x, [r["by_lam"]["1"]["kl"] for r in pl["rows"]], marker="o", linestyle="--",
+                         label="global only (lambda 1)")
         for xi, r in zip(x, pl["rows"]):
             axes[1].annotate(f"λ*={r['best_lam']:g}", (xi, min(v["kl"] for v in r["by_lam"].values())),
                              fontsize=8, textcoords="offset points", xytext=(0, -12))
