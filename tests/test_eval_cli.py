@@ -92,3 +92,13 @@ def test_merge_results_describes_the_newest_run_and_records_each():
     assert "all held-out prompts" in line and "64x256 (14711 tokens)" in line and "256-token" in line
     assert "--parts heldout" in line
     assert "6 tune prompts" in _run_line(m["runs"][0])
+
+
+def test_run_line_describes_a_prompt_length_run_by_its_own_sizes():
+    from glass_kernels.evaluation.report import _run_line
+
+    run = {"parts": ["prompt_length"], "settings": {"gen_tokens": 256, "n_length": 12,
+                                                    "length_targets": [0, 64], "length_gen_tokens": 128}}
+    line = _run_line(run)
+    assert "12 tune prompts, +0/64 context tokens, 128-token continuations" in line
+    assert "256-token" not in line  # the held-out continuation length does not apply to this run

@@ -83,9 +83,15 @@ def _run_line(run: dict) -> str:
     bits = [" + ".join(run.get("parts") or []) or "(no parts)"]
     if "heldout" in (run.get("parts") or []):
         bits.append(f"{s.get('n_heldout') or 'all'} held-out prompts, keeps {', '.join(map(str, s.get('keeps', [])))}")
-    if "lambda_sweep" in (run.get("parts") or []):
+    parts = run.get("parts") or []
+    if "lambda_sweep" in parts:
         bits.append(f"{s.get('n_tune')} tune prompts")
-    bits.append(f"{s.get('gen_tokens')}-token continuations")
+    if "heldout" in parts or "lambda_sweep" in parts:
+        bits.append(f"{s.get('gen_tokens')}-token continuations")
+    if "prompt_length" in parts:
+        targets = "/".join(map(str, s.get("length_targets") or []))
+        bits.append(f"prompt length: {s.get('n_length')} tune prompts, +{targets} context tokens, "
+                    f"{s.get('length_gen_tokens')}-token continuations")
     st = run.get("stats") or {}
     if st:
         bits.append("statistics " + ", ".join(f"{k} {v.get('num_sequences')}x{v.get('seq_len')} ({v.get('num_tokens')} tokens)"
