@@ -80,27 +80,40 @@ def _stats(model, name):
 
 
 class _Patched:
-    """Context: the model patched at ``keep`` (A-GLASS with cached NPS stats, else GRIFFIN)."""
+    """Context: the model patched at ``keep`` (A-GLASS with cached NPS stats, else GRIFFIN).
+
+    ``unpatch()`` / ``patch()`` switch it off and on inside the context (the paired dense rounds of
+    test_decode); the statistics are loaded once, not on every switch.
+    """
 
     def __init__(self, model, name, keep):
         self.model, self.name, self.keep = model, name, keep
+        self.method = "dense"
+        self.stats = None
+        self._stats_loaded = False
 
-    def __enter__(self):
+    def patch(self):
         import glass_kernels as gk
 
         if self.keep is None:
-            self.method = "dense"
-            return self
-        stats = _stats(self.model, self.name)
-        self.method = "a-glass" if stats is not None else "griffin"
-        gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep), stats=stats)
-        return self
+            return
+        if not self._stats_loaded:
+            self.stats, self._stats_loaded = _stats(self.model, self.name), True
+            self.method = "a-glass" if self.stats is not None else "griffin"
+        gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep), stats=self.stats)
 
-    def __exit__(self, *exc):
+    def unpatch(self):
         from glass_kernels.patch import is_patched, unpatch
 
         if is_patched(self.model):
             unpatch(self.model)
+
+    def __enter__(self):
+        self.patch()
+        return self
+
+    def __exit__(self, *exc):
+        self.unpatch()
 
 
 def _ffn_modules(model):
@@ -201,12 +214,12 @@ def test_decode(benchmark, results, shares, name, keep):
 
     def setup():
         if keep is not None:
-            p.__exit__(None, None, None)  # unpatched: the dense twin of this round
+            p.unpatch()  # the dense twin of this round
             prefill()
             t0 = time.perf_counter()
             decode()
             paired_dense_s.append(time.perf_counter() - t0)
-            p.__enter__()
+            p.patch()
         prefill()
         return (), {}
 

@@ -58,7 +58,7 @@ def _heldout_table(h: dict, keep: float) -> list[str]:
         name = r.get("name", r["method"])
         rel = "-"
         if griffin is not None and r["method"] not in ("dense",) and griffin["kl"] > 0:
-            rel = f"{100 * (r['kl'] / griffin['kl'] - 1):+.1f}%"
+            rel = _pct(r["kl"], griffin["kl"])
         lines.append(f"| {name} | {_fmt(r['kl'])} ± {_fmt(r['kl_sem'])} | {rel} | {_fmt(r['ppl'], 2)} | "
                      f"{_fmt(r['top1'])} |")
     return lines
@@ -80,10 +80,10 @@ def _keep_table(h: dict, metric: str, nd: int) -> list[str]:
 
 def _run_line(run: dict) -> str:
     s = run.get("settings") or {}
-    bits = [" + ".join(run.get("parts") or []) or "(no parts)"]
-    if "heldout" in (run.get("parts") or []):
-        bits.append(f"{s.get('n_heldout') or 'all'} held-out prompts, keeps {', '.join(map(str, s.get('keeps', [])))}")
     parts = run.get("parts") or []
+    bits = [" + ".join(parts) or "(no parts)"]
+    if "heldout" in parts:
+        bits.append(f"{s.get('n_heldout') or 'all'} held-out prompts, keeps {', '.join(map(str, s.get('keeps', [])))}")
     if "lambda_sweep" in parts:
         bits.append(f"{s.get('n_tune')} tune prompts")
     if "heldout" in parts or "lambda_sweep" in parts:
@@ -234,7 +234,7 @@ def verdict(h: dict, keep: float) -> str:
                  else "aggregation does not improve on the global prior alone."))
     if at is not None:
         s += (f" NPS vs text statistics for A-GLASS: KL {a['kl']:.3f} vs {at['kl']:.3f} "
-              f"({100 * (a['kl'] / at['kl'] - 1):+.1f}%).")
+              f"({_pct(a['kl'], at['kl'])}).")
     return s
 
 
