@@ -1,6 +1,6 @@
 """The project's tolerance rule for comparing a kernel with an fp64 oracle, written once.
 
-A plain module (not conftest) so test files can import it without clashing with tests/triton/conftest.py.
+A plain module (not conftest) so test files can import it without clashing with tests/triton_kernels/conftest.py.
 """
 
 from __future__ import annotations

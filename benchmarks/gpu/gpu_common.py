@@ -1,7 +1,7 @@
 """Setup shared by the GPU benchmarks: device facts, timing with a flushed L2, the baselines.
 
 The baselines are the same computations the tests use as "torch's own" result
-(tests/triton/oracles.py::ffn): the HF LlamaMLP forward with F.linear (cuBLAS) on the full
+(tests/triton_kernels/oracles.py::ffn): the HF LlamaMLP forward with F.linear (cuBLAS) on the full
 weights, and on a compacted copy of the selected rows (GRIFFIN-style).
 """
 

@@ -20,8 +20,8 @@ def _triton_problem():
     mod = sys.modules.get("glass_kernels.triton.sparse_ffn")
     if (mod is not None and not torch.cuda.is_available()
             and type(mod._sparse_ffn_kernel).__name__ != "InterpretedFunction"):
-        return ("glass_kernels.triton was imported before tests/triton/conftest.py set "
-                "TRITON_INTERPRET=1 (set it in the environment or run tests/triton on its own)")
+        return ("glass_kernels.triton was imported before tests/triton_kernels/conftest.py set "
+                "TRITON_INTERPRET=1 (set it in the environment or run tests/triton_kernels on its own)")
     return None
 
 
