@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from glass_kernels.machine import cpu_name
+from glass_kernels.machine import cpu_name, software_versions
 
 
 def pytest_configure(config):
@@ -62,7 +62,7 @@ def machine_info() -> dict:
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "arch": platform.machine(),
-        "torch": torch.__version__,
+        **software_versions(),
     }
     try:
         info["loadavg_1m"] = os.getloadavg()[0]

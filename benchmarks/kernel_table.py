@@ -23,7 +23,8 @@ def tables(data: dict) -> str:
     if benches:
         ei = benches[0]["extra_info"]
         lines.append(f"Machine: {ei.get('cpu', '?')}, {ei.get('cores', '?')} cores, ISA "
-                     f"{ei.get('isa', '?')}, torch {ei.get('torch', '?')}; "
+                     f"{ei.get('isa', '?')}, torch {ei.get('torch', '?')}, glass_kernels "
+                     f"{ei.get('glass_kernels', '?')} (commit {ei.get('glass_kernels_commit', '?')}); "
                      f"{data.get('datetime', '')}")
         loads = [b["extra_info"].get("loadavg_1m") for b in benches if "loadavg_1m" in b["extra_info"]]
         if loads:

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from conftest import machine_info, quick_mode, set_threads
+from glass_kernels.hf_compat import cache_kwargs, output_cache
 
 QUICK = quick_mode()
 
@@ -137,15 +138,15 @@ def measure_mlp_share(model, ids, steps: int = 8) -> dict:
     with torch.inference_mode():
         out = model(ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        pkv = out.past_key_values
+        pkv = output_cache(out)
         # warm-up step (allocations) outside the measurement
-        out = model(nxt, past_key_values=pkv, use_cache=True)
+        out = model(nxt, **cache_kwargs(model, pkv), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         hooks = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post) for m in mods]
         try:
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = model(nxt, past_key_values=pkv, use_cache=True)
+                out = model(nxt, **cache_kwargs(model, pkv), use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
             total = time.perf_counter() - t0
         finally:
@@ -192,6 +193,8 @@ def _share(shares, name):
 @pytest.mark.parametrize("keep", (None,) + KEEPS, ids=lambda k: "dense" if k is None else f"keep{k:g}")
 @pytest.mark.parametrize("name", MODELS)
 def test_decode(benchmark, results, shares, name, keep):
+    import glass_kernels as gk
+
     set_threads(THREADS)
     model, tok, ids = _load(name)
     f = _share(shares, name)
@@ -202,15 +205,22 @@ def test_decode(benchmark, results, shares, name, keep):
         with torch.inference_mode():
             out = model(ids, use_cache=True)  # prefill (dense; the patched model collects statistics)
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)  # selects the neurons
-        state["pkv"], state["nxt"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(nxt, **cache_kwargs(model, output_cache(out)), use_cache=True)  # selects the neurons
+        state["pkv"], state["nxt"] = output_cache(out), out.logits[:, -1:].argmax(-1)
+
+    steps = {"sparse": 0, "all": 0}  # decode forwards of the timed rounds, as the patch counted them
 
     def decode():
         pkv, nxt = state["pkv"], state["nxt"]
+        before = gk.session(model).counters() if keep is not None else None
         with torch.inference_mode():
             for _ in range(DECODE_TOKENS):
-                out = model(nxt, past_key_values=pkv, use_cache=True)
+                out = model(nxt, **cache_kwargs(model, pkv), use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
+        if before is not None:
+            after = gk.session(model).counters()
+            steps["sparse"] += after["sparse"] - before["sparse"]
+            steps["all"] += DECODE_TOKENS
 
     def setup():
         if keep is not None:
@@ -234,6 +244,7 @@ def test_decode(benchmark, results, shares, name, keep):
                 dtype="float32", batch=1, prompt_tokens=int(ids.shape[1]), decode_tokens=DECODE_TOKENS,
                 tokens_per_s=round(tps, 2), mlp_share=round(f, 4))
     if keep is not None:
+        info["decode_steps"], info["sparse_decode_steps"] = steps["all"], steps["sparse"]
         info["amdahl_ceiling"] = round(amdahl(f, keep), 3)
         info["ideal_ffn_speedup"] = round(1.0 / keep, 3)
         dense_s = sorted(paired_dense_s[1:])  # the first belongs to the warm-up round

@@ -43,6 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .hf_compat import cache_kwargs, output_cache
 from .stats import GlobalStats
 
 __all__ = ["calibrate", "generate_nps", "accumulate_stats", "StatsAccumulator", "text_chunks"]
@@ -242,8 +243,8 @@ def generate_nps(
                 if accumulator is not None:
                     accumulator.mask = alive.unsqueeze(1).expand_as(step_in).contiguous()
                     accumulator.count(int(alive.sum()) * step_in.shape[1])
-                out = model(input_ids=step_in, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=step_in, **cache_kwargs(model, cache), use_cache=True)
+                cache = output_cache(out)
                 fed += step_in.shape[1]
                 bar.update(B * step_in.shape[1])
                 if fed >= seq_len:

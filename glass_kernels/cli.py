@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from .machine import cpu_name
+from .hf_compat import cache_kwargs, output_cache
+from .machine import cpu_name, software_versions
 
 __all__ = ["main", "build_parser", "stats_cache_path", "DEFAULT_PROMPTS"]
 
@@ -80,9 +81,12 @@ def _kernel_info() -> str:
 
 
 def machine_info(dtype: torch.dtype) -> str:
+    v = software_versions()
     return (
-        f"machine: {cpu_name()} | {os.cpu_count()} logical CPUs | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | dtype {str(dtype).replace('torch.', '')} | kernels: {_kernel_info()}"
+        f"machine: {cpu_name()} | {os.cpu_count()} logical CPUs | torch {v['torch']}, "
+        f"{torch.get_num_threads()} threads | transformers {v['transformers']} | "
+        f"glass_kernels {v['glass_kernels']} ({v['glass_kernels_commit'][:12]}) | "
+        f"dtype {str(dtype).replace('torch.', '')} | kernels: {_kernel_info()}"
     )
 
 
@@ -203,7 +207,7 @@ def _teacher_forced_agreement(model, ids, cont) -> tuple[int, int]:
         return 0, 0
     with torch.inference_mode():
         out = model(ids, use_cache=True)
-        out2 = model(cont[:, :-1], past_key_values=out.past_key_values, use_cache=True)
+        out2 = model(cont[:, :-1], **cache_kwargs(model, output_cache(out)), use_cache=True)
     pred = out2.logits.argmax(-1)
     return int((pred == cont[:, 1:]).sum()), int(cont.shape[1] - 1)
 
@@ -231,7 +235,7 @@ def _side_by_side(left_title, left, right_title, right, width) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def run_demo(args, loader: Loader, out=sys.stdout) -> int:
-    from .patch import GlassConfig, patch, unpatch
+    from .patch import GlassConfig, patch, session, unpatch
 
     _set_threads(args.threads)
     dtype = _DTYPES[args.dtype]
@@ -300,6 +304,7 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
     # 2. timing: warm-up, then rounds over prompts, dense and every keep in rotating order
     configs = [None] + keeps
     tps = {c: [] for c in configs}
+    steps = {k: [0, 0] for k in keeps}  # decode steps of the timed runs: [ran sparse, all]
     for c in configs:  # warm-up
         set_state(c)
         _generate(model, tok, encoded[0], min(N, 8), fixed_length=True)
@@ -311,6 +316,10 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
                 timer = _DecodeTimer()
                 _generate(model, tok, ids, N, fixed_length=True, timer=timer)
                 tps[c].append(timer.decode_tps())
+                if c is not None:  # patched just now by set_state: its counters cover this run only
+                    n = session(model).counters()
+                    steps[c][0] += n["sparse"]
+                    steps[c][1] += n["sparse"] + n["dense"]
     set_state(None)
     dense_tps = statistics.median(tps[None])
     print(f"\ndecode speed: greedy, {N} new tokens per run, prefill excluded, median of {len(tps[None])} runs "
@@ -318,16 +327,23 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
     print(f"agreement: teacher-forced top-1 agreement with the dense greedy tokens "
           f"({agree[keeps[0]][1]} positions); greedy prefix: identical leading tokens of free-running "
           f"greedy generation (mean over prompts)", file=out)
-    hdr = f"{'config':<22}{'decode tok/s':>14}{'speed-up':>10}{'top-1 agree':>13}{'greedy prefix':>15}"
+    hdr = (f"{'config':<22}{'decode tok/s':>14}{'speed-up':>10}{'top-1 agree':>13}{'greedy prefix':>15}"
+           f"{'sparse steps':>16}")
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     mean_len = statistics.mean(int(d.shape[1]) for d in dense_conts)
-    print(f"{'dense':<22}{dense_tps:>14.1f}{1.0:>9.2f}x{'100.0%':>13}{mean_len:>15.1f}", file=out)
+    print(f"{'dense':<22}{dense_tps:>14.1f}{1.0:>9.2f}x{'100.0%':>13}{mean_len:>15.1f}{'-':>16}", file=out)
     for k in keeps:
         t = statistics.median(tps[k])
         a = agree[k][0] / max(agree[k][1], 1)
         print(f"{f'{method} keep={k:g}':<22}{t:>14.1f}{t / dense_tps:>9.2f}x{100 * a:>12.1f}%"
-              f"{statistics.mean(prefix[k]):>15.1f}", file=out)
+              f"{statistics.mean(prefix[k]):>15.1f}{f'{steps[k][0]}/{steps[k][1]}':>16}", file=out)
+    print("sparse steps: decode steps (forwards after the prompt) of the timed runs that ran the sparse kernel",
+          file=out)
+    not_sparse = [k for k in keeps if steps[k][0] != steps[k][1]]
+    if not_sparse and method != "dense":
+        print(f"WARNING: some decode steps ran dense at keep {', '.join(f'{k:g}' for k in not_sparse)}: "
+              "the speed-ups above are not GLASS's (see the logged warning)", file=out)
     return 0
 
 
@@ -336,7 +352,7 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def run_generate(args, loader: Loader, out=sys.stdout) -> int:
-    from .patch import patch
+    from .patch import is_patched, patch, session
 
     _set_threads(args.threads)
     model, tok = loader(args.model, _DTYPES[args.dtype])
@@ -362,8 +378,9 @@ def run_generate(args, loader: Loader, out=sys.stdout) -> int:
     g = _generate(model, tok, ids, args.max_new_tokens, timer=timer, sample=sample)
     dt = time.perf_counter() - t0
     print(tok.decode(g[0], skip_special_tokens=True), file=out)
+    sparse = f"; {session(model).decode_summary()}" if is_patched(model) else ""
     print(f"[{args.method}{'' if args.method == 'dense' else f' keep={args.keep}'}: {g.shape[1]} tokens in "
-          f"{dt:.2f} s, decode {timer.decode_tps():.1f} tok/s]", file=sys.stderr)
+          f"{dt:.2f} s, decode {timer.decode_tps():.1f} tok/s{sparse}]", file=sys.stderr)
     return 0
 
 

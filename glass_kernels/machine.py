@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import platform
+import subprocess
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -15,3 +18,43 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit of the source tree glass_kernels runs from ("+dirty" with uncommitted changes to
+    tracked files), or "unknown" for an installed copy outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                               timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def software_versions() -> dict[str, str]:
+    """What a measured figure depends on besides the machine: recorded in every report, benchmark
+    JSON and statistics file, so that a number can be traced to the code and packages that made it."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "transformers": _package_version("transformers"),
+        "triton": _package_version("triton"),
+        "glass_kernels": _package_version("glass_kernels"),
+        "glass_kernels_commit": git_commit(),
+    }

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .machine import software_versions
+
 __all__ = [
     "GlobalStats",
     "StatsMismatchError",
@@ -146,23 +148,6 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     return sig
 
 
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    try:
-        import transformers  # noqa: F401
-
-        out["transformers"] = transformers.__version__
-    except Exception:  # transformers is optional for the stats container itself
-        out["transformers"] = "unavailable"
-    try:
-        from importlib.metadata import version
-
-        out["glass_kernels"] = version("glass_kernels")
-    except Exception:
-        out["glass_kernels"] = "unknown"
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # GlobalStats
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +243,7 @@ class GlobalStats:
         sig = model_signature(model)
         samples = sig.pop("samples")
         full = dict(sig)
-        full["versions"] = _versions()
+        full["versions"] = software_versions()
         full.update(meta)
         stats = cls(list(activation), list(impact), full, num_tokens, samples)
         stats.check_model(model, _signature=dict(sig, samples=samples))

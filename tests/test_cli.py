@@ -110,9 +110,10 @@ DEMO = ["demo", "--model", "tiny", "--max-new-tokens", "6", "--repeats", "1", "-
 def _table(out):
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"^(dense|\S+ keep=[\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)%\s+([\d.]+)$", line)
+        m = re.match(r"^(dense|\S+ keep=[\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)%\s+([\d.]+)\s+(-|\d+/\d+)$",
+                     line)
         if m:
-            rows[m.group(1)] = tuple(float(x) for x in m.groups()[1:])
+            rows[m.group(1)] = tuple(float(x) for x in m.groups()[1:5]) + (m.group(6),)
     return rows
 
 
@@ -124,9 +125,12 @@ def test_demo_end_to_end_and_stats_cache(tmp_path):
     assert out.count(">>> ") == 2 and "dense" in out and "GLASS a-glass keep=0.5" in out
     rows = _table(out)
     assert set(rows) == {"dense", "a-glass keep=0.8", "a-glass keep=0.7", "a-glass keep=0.5"}, out
-    assert rows["dense"][1] == 1.0 and rows["dense"][2] == 100.0
-    for k, (tps, speedup, agree, prefix) in rows.items():
+    assert rows["dense"][1] == 1.0 and rows["dense"][2] == 100.0 and rows["dense"][4] == "-"
+    for k, (tps, speedup, agree, prefix, steps) in rows.items():
         assert tps > 0 and 0 <= agree <= 100 and 0 <= prefix <= 6
+        if k != "dense":  # 2 prompts x 1 round, 6 new tokens: 5 decode steps each, all sparse
+            assert steps == "10/10", (k, out)
+    assert "WARNING" not in out
     cached = list((tmp_path / "cache" / "stats").glob("tiny-*-nps4x16-bos-seed0.safetensors"))
     assert len(cached) == 1
     # second run reuses the statistics
@@ -155,7 +159,9 @@ def test_generate_dense_and_patched(tmp_path, capsys):
     rc, s2 = run(["generate", "hello", "--model", "tiny", "--method", "dense", "--do-sample", "--seed", "3",
                   "--max-new-tokens", "8"])
     assert s1 == s2
-    assert "decode" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decode" in err
+    assert "4 of 4 decode steps ran sparse" in err  # the a-glass run: 5 new tokens, 4 decode steps
 
 
 def test_calibrate_writes_loadable_stats(tmp_path):

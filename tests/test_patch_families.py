@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny_models as tm
+from glass_kernels.hf_compat import cache_kwargs, output_cache
 from glass_kernels.patch import GlassFFN, find_ffn_sites, patch, session, unpatch
 
 FAMILIES = tm.FAMILIES
@@ -21,8 +22,8 @@ def _flow(model, prompt, cont, step):
     """Prompt (new sequence), a teacher-forced 3-token continuation, one decode token; all logits."""
     with torch.no_grad():
         a = model(prompt, use_cache=True)
-        b = model(cont, past_key_values=a.past_key_values, use_cache=True)
-        c = model(step, past_key_values=b.past_key_values, use_cache=True)
+        b = model(cont, **cache_kwargs(model, output_cache(a)), use_cache=True)
+        c = model(step, **cache_kwargs(model, output_cache(b)), use_cache=True)
     return torch.cat([a.logits, b.logits, c.logits], dim=1)
 
 
@@ -85,8 +86,8 @@ def test_sparse_matches_masked_reference(family, method):
             with torch.no_grad():
                 a = m(prompt, use_cache=True)
                 nm.active = True
-                b = m(cont, past_key_values=a.past_key_values, use_cache=True)
-                c = m(step, past_key_values=b.past_key_values, use_cache=True)
+                b = m(cont, **cache_kwargs(m, output_cache(a)), use_cache=True)
+                c = m(step, **cache_kwargs(m, output_cache(b)), use_cache=True)
         return torch.cat([a.logits, b.logits, c.logits], dim=1)
 
     ref = masked(model)
@@ -110,8 +111,8 @@ def test_sparse_bf16(family):
             with torch.no_grad():
                 a = m(prompt, use_cache=True)
                 nm.active = True
-                b = m(cont, past_key_values=a.past_key_values, use_cache=True)
-                c = m(step, past_key_values=b.past_key_values, use_cache=True)
+                b = m(cont, **cache_kwargs(m, output_cache(a)), use_cache=True)
+                c = m(step, **cache_kwargs(m, output_cache(b)), use_cache=True)
         return torch.cat([a.logits, b.logits, c.logits], dim=1)
 
     # Only the decode positions: the prompt's h (hence the sets) can differ from fp64's.

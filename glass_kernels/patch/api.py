@@ -6,6 +6,7 @@ import logging
 
 from torch import nn
 
+from .. import hf_compat
 from .config import NEEDS_GLOBAL, GlassConfig
 from .modules import GlassFFN
 from .registry import find_ffn_sites
@@ -40,7 +41,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
 
     Args:
         model: a transformers model *instance* (e.g. ``LlamaForCausalLM``); the module whose
-            forward receives ``past_key_values`` / ``attention_mask`` (the schedule hooks it).
+            forward receives the KV cache and ``attention_mask`` (the schedule hooks it).
         config: a GlassConfig (default ``GlassConfig()``); ``overrides`` replace its fields, e.g.
             ``patch(model, stats=s, method="griffin", keep=0.4)``.
         stats: a GlobalStats for this model (needed by "a-glass", "i-glass", "global"); it is
@@ -76,6 +77,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         raise TypeError(f"config must be a GlassConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
+    hf_compat.check_transformers()
     sites = find_ffn_sites(model)  # UnsupportedModelError if none
 
     if isinstance(stats, str):
@@ -118,32 +120,60 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         # always_call: the backend context opened by the pre-hook is closed even if forward raises.
         model.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True),
     ]
-    _wrap_prefill(model, state)
+    _wrap_generate(model, state)
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
     logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)
     return model
 
 
-def _wrap_prefill(model: nn.Module, state: GlassState) -> None:
-    """generate()'s prefill is a prompt, whatever the cache holds.
+def _wrap_generate(model: nn.Module, state: GlassState) -> None:
+    """Instance attributes (never the class) that tell the schedule where generate() is.
 
-    transformers 5.x runs the prompt through ``GenerationMixin._prefill``, which may feed it in
-    chunks (``prefill_chunk_size``) or continue a cache passed in (multi-turn): forwards with a
-    non-empty cache that are still prompt. An instance attribute (never the class) wraps it in
-    ``session(model).prompt()``; ``unpatch`` removes it.
+    * ``generate``: inside it, every forward after the prompt is a decode step, so one that arrives
+      without a non-empty cache is counted and warned about (``GlassState.pre_hook``).
+    * The prefill methods (``hf_compat.PREFILL_METHODS``): generate()'s prompt is a prompt whatever
+      the cache holds -- it may be fed in chunks (``prefill_chunk_size``) or continue a cache passed
+      in (multi-turn): forwards with a non-empty cache that still belong to the prompt.
+
+    ``unpatch`` removes them.
     """
-    orig = getattr(model, "_prefill", None)
-    if orig is None or "_prefill" in model.__dict__:
-        return
+    if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = _counting_depth(model.generate, state, "generate_depth")
+        prefill = hf_compat.prefill_methods(model)
+        if not prefill:
+            state.warn_once(
+                "no-prefill",
+                f"glass_kernels: transformers {hf_compat.transformers_version()} has none of "
+                f"{hf_compat.PREFILL_METHODS} (glass_kernels.hf_compat.PREFILL_METHODS): generate() with "
+                "prefill_chunk_size or with a cache passed in will treat later prompt chunks as decode steps",
+            )
+        for name in prefill:
+            if name not in model.__dict__:
+                model.__dict__[name] = _counting_depth(getattr(model, name), state, "prompt_depth")
 
-    def _prefill(*args, **kwargs):
-        state.prompt_depth += 1
+
+def _counting_depth(method, state: GlassState, depth: str):
+    """``method`` wrapped so that ``state.<depth>`` is > 0 while it runs (a fresh count per outermost call)."""
+
+    def wrapper(*args, **kwargs):
+        if depth == "generate_depth" and state.generate_depth == 0:
+            state.generate_forwards = 0
+        setattr(state, depth, getattr(state, depth) + 1)
         try:
-            return orig(*args, **kwargs)
+            return method(*args, **kwargs)
         finally:
-            state.prompt_depth -= 1
+            setattr(state, depth, getattr(state, depth) - 1)
 
-    model.__dict__["_prefill"] = _prefill
+    wrapper.__wrapped__ = method
+    wrapper.__doc__ = method.__doc__
+    wrapper._glass_wrapper = True  # what _unwrap_generate removes (never a user's own attribute)
+    return wrapper
+
+
+def _unwrap_generate(model: nn.Module) -> None:
+    for name in ("generate", *hf_compat.PREFILL_METHODS):
+        if getattr(model.__dict__.get(name), "_glass_wrapper", False):
+            del model.__dict__[name]
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -160,7 +190,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for ps in rec.relaid:
         for p in ps:
             restore_row_major(p)
-    model.__dict__.pop("_prefill", None)
+    _unwrap_generate(model)
     rec.state.reset()
     del model.__dict__[_ATTR]
     return model

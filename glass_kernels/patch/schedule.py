@@ -3,7 +3,8 @@
 The phase is read from what the patched model's forward really receives, through a forward
 pre-hook (with kwargs) on the top-level model instance:
 
-* cache empty / absent (``past_key_values`` None or ``get_seq_length() == 0``): a new sequence.
+* cache empty / absent (no cache, or ``get_seq_length() == 0``): a new sequence. Where the cache
+  argument is found, and under which name, depends on the transformers version: ``hf_compat``.
   The FFNs run dense and accumulate each sequence's local statistic (``ops.neuron_stats``, padding
   excluded through the current tokens' columns of the 2-D attention mask).
 * cache non-empty: before the first such forward, every sequence's neurons are selected
@@ -15,6 +16,12 @@ pre-hook (with kwargs) on the top-level model instance:
   prefill (``GenerationMixin._prefill``, also with ``prefill_chunk_size`` or a cache passed in)
   runs inside it automatically.
 * Without a KV cache (``use_cache=False``) every forward is a new sequence, so it runs dense.
+
+Never silent: every forward is counted (``Session.counters()``: prompt forwards, forwards after the
+prompt that ran the sparse kernel, forwards after the prompt that ran dense). Inside ``generate()``
+every forward after the prompt is a decode step by construction; one that arrives without a
+non-empty cache is counted as a dense decode step and warned about once (a transformers release
+that passes the cache under a new name shows up here, not as a silent slowdown).
 
 Rows of a batch whose inputs (ids or embeddings, and mask) are identical in every prompt chunk
 share one neuron set: the beams / samples that ``generate()`` expands from one prompt get exactly
@@ -31,37 +38,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import hf_compat
 from .config import NEEDS_GLOBAL, NEEDS_LOCAL, GlassConfig
 from .registry import FFNSite
 
 logger = logging.getLogger("glass_kernels.patch")
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg)
 
 
 def _ops():
     from .. import ops  # lazy: the ops module loads the extension on first use
 
     return ops
-
-
-def _cache_length(pkv) -> int:
-    if pkv is None:
-        return 0
-    if hasattr(pkv, "get_seq_length"):
-        # Python int for DynamicCache / StaticCache in transformers 5.x: no device sync.
-        return int(pkv.get_seq_length())
-    if isinstance(pkv, (tuple, list)):  # legacy tuple-of-tuples cache
-        if len(pkv) == 0 or pkv[0] is None or len(pkv[0]) == 0:
-            return 0
-        return int(pkv[0][0].shape[-2])
-    raise TypeError(f"unsupported past_key_values type {type(pkv).__name__}")
 
 
 class GlassState:
@@ -72,7 +59,7 @@ class GlassState:
     ``memory_overhead()``.
     """
 
-    _INPUT_NAMES = ("input_ids", "attention_mask", "past_key_values", "inputs_embeds")
+    _INPUT_NAMES = ("input_ids", "attention_mask", "inputs_embeds")
 
     def __init__(self, model: nn.Module, sites: list[FFNSite], config: GlassConfig, stats) -> None:
         self.config = config
@@ -92,9 +79,21 @@ class GlassState:
         self._identity_rank: dict[tuple, torch.Tensor] = {}
         params = list(inspect.signature(model.forward).parameters)
         self._pos = {n: params.index(n) for n in self._INPUT_NAMES if n in params}
-        self.prompt_depth = 0
+        cache_name = hf_compat.cache_arg_name(model.forward)
+        self._cache_pos = params.index(cache_name) if cache_name else None
+        self.prompt_depth = 0  # > 0 inside session.prompt() / generate()'s prefill
+        self.generate_depth = 0  # > 0 inside model.generate()
+        self.generate_forwards = 0  # forwards since the current generate() started
+        self.counters = {"prompt": 0, "sparse": 0, "dense": 0}
+        self._warned: set[str] = set()
         self._backend_tokens: list = []
         self.reset()
+
+    def warn_once(self, key: str, msg: str) -> None:
+        """Log ``msg`` once per patched model (each problem is reported, but not at every step)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg)
 
     # -- per-sequence state -----------------------------------------------------------------
     def reset(self) -> None:
@@ -128,6 +127,35 @@ class GlassState:
             return args[i]
         return None
 
+    def _find_cache(self, args: tuple, kwargs: dict):
+        found, cache = hf_compat.find_cache(args, kwargs, self._cache_pos)
+        if not found:
+            stray = hf_compat.stray_cache(kwargs)
+            if stray is not None:
+                self.warn_once(
+                    "stray-cache",
+                    f"glass_kernels: the model's forward received its KV cache as {stray!r}, a name that "
+                    f"glass_kernels.hf_compat.CACHE_ARG_NAMES does not list (transformers "
+                    f"{hf_compat.transformers_version()}); using it. Please report this.",
+                )
+                return kwargs[stray]
+        return cache
+
+    def _decode_step_misread(self, cache, kwargs: dict) -> bool:
+        """A forward inside generate(), after its prompt, that carries no non-empty cache: generate()
+        is decoding, but this forward cannot be told apart from a new prompt, so it runs dense."""
+        if not (self.generate_depth and self.prompt_depth == 0 and self.generate_forwards > 1):
+            return False
+        if cache is None and kwargs.get("use_cache") is False:
+            reason = ("generate() runs without a KV cache (use_cache=False): every step re-reads the whole "
+                      "sequence as a new prompt")
+        else:
+            reason = (f"the KV cache was not found in the forward's arguments (transformers "
+                      f"{hf_compat.transformers_version()}; glass_kernels.hf_compat looks for "
+                      f"{' / '.join(hf_compat.CACHE_ARG_NAMES)}). This is a bug: please report it")
+        self.warn_once("dense-decode", f"glass_kernels: a decode step of generate() ran dense: {reason}.")
+        return True
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         ids = self._arg("input_ids", args, kwargs)
         embeds = self._arg("inputs_embeds", args, kwargs)
@@ -135,14 +163,21 @@ class GlassState:
         if x is None:
             raise ValueError("glass_kernels: the patched forward got neither input_ids nor inputs_embeds")
         B, T = int(x.shape[0]), int(x.shape[1])
-        cache_len = _cache_length(self._arg("past_key_values", args, kwargs))
+        if self.generate_depth:
+            self.generate_forwards += 1
+        cache = self._find_cache(args, kwargs)
+        cache_len = hf_compat.cache_length(cache)
         if cache_len == 0 or self.prompt_depth > 0:
             if cache_len == 0:
+                misread = self._decode_step_misread(cache, kwargs)
+                self.counters["dense" if misread else "prompt"] += 1
                 self.start_sequence(B)
             elif self.phase == "idle":
                 # A prompt chunk on a cache filled before patching (or after reset()).
+                self.counters["prompt"] += 1
                 self.start_sequence(B)
             else:
+                self.counters["prompt"] += 1
                 self._check_batch(B)
                 if self.phase == "decode":
                     # A further prompt turn: keep the statistics, choose again afterwards.
@@ -162,6 +197,7 @@ class GlassState:
             self.batch = B
             self.collect = False
             self.sparse = self._calls is not None
+            self.counters["sparse" if self.sparse else "dense"] += 1
         self._enter_backend()
         return None
 
@@ -207,8 +243,7 @@ class GlassState:
         self.seq_batch *= r
         self._prepare()
 
-    @staticmethod
-    def _token_mask(attention_mask, B: int, T: int) -> torch.Tensor | None:
+    def _token_mask(self, attention_mask, B: int, T: int) -> torch.Tensor | None:
         if attention_mask is None:
             return None
         if attention_mask.dim() == 2:
@@ -220,7 +255,7 @@ class GlassState:
             # The 2-D mask covers cache + current tokens; the current tokens are its last T columns.
             m = attention_mask[:, -T:] != 0
             return m.contiguous()
-        _warn_once(
+        self.warn_once(
             "mask4d",
             "glass_kernels: a 4-D attention mask (compiled/static cache) cannot tell padding apart; "
             "every prompt token counts in the local statistics. Use a 2-D mask with padded batches.",
@@ -466,3 +501,24 @@ class Session:
 
     def memory_overhead(self) -> dict[str, int]:
         return self._state.memory_overhead()
+
+    def counters(self) -> dict[str, int]:
+        """Forwards since ``patch`` (or ``reset_counters``), by how they ran.
+
+        ``prompt``: dense, collecting the local statistics. ``sparse``: after the prompt, through
+        the sparse kernel. ``dense``: after the prompt but dense -- expected with method "dense"
+        only; otherwise a warning says why (e.g. generate(use_cache=False)).
+        """
+        return dict(self._state.counters)
+
+    def reset_counters(self) -> None:
+        for key in self._state.counters:
+            self._state.counters[key] = 0
+
+    def decode_summary(self, since: dict[str, int] | None = None) -> str:
+        """"N of M decode steps ran sparse" over the forwards after the prompt (since ``since``)."""
+        now = self._state.counters
+        base = since or {}
+        sparse = now["sparse"] - base.get("sparse", 0)
+        total = sparse + now["dense"] - base.get("dense", 0)
+        return f"{sparse} of {total} decode steps ran sparse"
