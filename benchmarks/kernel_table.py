@@ -17,7 +17,10 @@ def _fmt_ms(s: float) -> str:
 
 def tables(data: dict) -> str:
     benches = data.get("benchmarks", [])
-    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse")]
+    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse1", "sparse")]
+    # the run's STREAM-like read per thread count: each decode case as a fraction of it
+    stream = {b["extra_info"].get("threads"): b["extra_info"].get("gbps") for b in benches
+              if b["extra_info"].get("impl") == "stream_sum"}
     other = [b for b in benches if b not in decode]
     lines = []
     if benches:
@@ -35,15 +38,19 @@ def tables(data: dict) -> str:
             lines.append(f"Other processes' CPU use during the cases: {min(others):.2f} to {max(others):.2f} cores")
         lines.append("")
     if decode:
-        lines += ["| d x D | dtype | threads | keep | impl | median ms | GB/s | x dense | x compact |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| d x D | dtype | threads | keep | impl | in flight / prefetch | median ms | GB/s | % of STREAM "
+                  "| x dense | x compact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in decode:
             e = b["extra_info"]
             sd = e.get("speedup_vs_dense")
             sc = e.get("speedup_vs_compact")
+            st = stream.get(e["threads"])
+            pct = f"{100 * e['gbps'] / st:.0f}%" if st and e.get("gbps") else ""
+            fl = f"{e['neurons_in_flight']} / {e['prefetch_neurons']}" if "neurons_in_flight" in e else ""
             lines.append(
-                f"| {e['d']}x{e['D']} | {e['dtype']} | {e['threads']} | {e['keep']} | {e['impl']} | "
-                f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | "
+                f"| {e['d']}x{e['D']} | {e['dtype']} | {e['threads']} | {e['keep']} | {e['impl']} | {fl} | "
+                f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} | "
                 f"{'' if sd is None else f'{sd:.2f}'} | {'' if sc is None else f'{sc:.2f}'} |")
         lines.append("")
     if other:

@@ -90,6 +90,7 @@ class _Patched:
     def __init__(self, model, name, keep):
         self.model, self.name, self.keep = model, name, keep
         self.method = "dense"
+        self.tuning = None
         self.stats = None
         self._stats_loaded = False
 
@@ -102,6 +103,7 @@ class _Patched:
             self.stats, self._stats_loaded = _stats(self.model, self.name), True
             self.method = "a-glass" if self.stats is not None else "griffin"
         gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep), stats=self.stats)
+        self.tuning = gk.session(self.model).decode_tuning.describe()
 
     def unpatch(self):
         from glass_kernels.patch import is_patched, unpatch
@@ -245,6 +247,7 @@ def test_decode(benchmark, results, shares, name, keep):
                 tokens_per_s=round(tps, 2), mlp_share=round(f, 4))
     if keep is not None:
         info["decode_steps"], info["sparse_decode_steps"] = steps["all"], steps["sparse"]
+        info["decode_tuning"] = p.tuning
         info["amdahl_ceiling"] = round(amdahl(f, keep), 3)
         info["ideal_ffn_speedup"] = round(1.0 / keep, 3)
         dense_s = sorted(paired_dense_s[1:])  # the first belongs to the warm-up round

@@ -3,7 +3,10 @@
     dense    torch, as HF's LlamaMLP: down(act(gate(x)) * up(x)) with F.linear (contiguous weights)
     compact  torch on a compacted copy: the selected rows of W_gate / W_up and columns of W_down
              gathered once (not timed), then the same dense F.linear calls on the copy
-    sparse   glass_kernels._C.sparse_ffn on the full neuron-major weights (no copy)
+    sparse1  glass_kernels._C.sparse_ffn on the full neuron-major weights (no copy), one selected
+             neuron at a time (the kernel before neuron groups)
+    sparse   the same op with the ISA path, neurons in flight and prefetch distance that
+             glass_kernels.tuning measures as best for this machine, on these same cold layers
 
 Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB: the L3 (hundreds of MiB)
 cannot hold them, every call streams its weights from DRAM as a real decode step does. The same
@@ -28,6 +31,9 @@ import torch.nn.functional as F
 from conftest import machine_info, median_s, quick_mode, set_threads
 
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
+from glass_kernels import tuning  # noqa: E402
+
+DEFAULT_TUNING = _C.get_decode_tuning()
 
 GIB = 1 << 30
 SHAPES = [(576, 1536), (2048, 8192), (4096, 14336)]
@@ -50,7 +56,8 @@ def _cases():
                 for keep in keeps:
                     if keep < 1.0:
                         out.append((shape, dt, nt, keep, "compact"))
-                    out.append((shape, dt, nt, keep, "sparse"))
+                    out.append((shape, dt, nt, keep, "sparse1"))  # one neuron at a time
+                    out.append((shape, dt, nt, keep, "sparse"))  # the setting measured for this machine
     return out
 
 
@@ -141,6 +148,16 @@ def test_decode_ffn(benchmark, results, case):
             return F.linear(F.silu(F.linear(x, cg)) * F.linear(x, cu), cd)
     else:
         y = torch.empty_like(x)
+        if impl == "sparse1":
+            setting = ("auto", 1, 0)
+        else:  # the per-machine choice, measured on these same layers (cold) by glass_kernels.tuning
+            tkey = (d, D, dt_name, nt, keep)
+            if tkey not in results:
+                gbps = tuning.measure([(wg, wu, wdt) for wg, wu, _, wdt in lay.layers], dtype, d, keep=keep)
+                results[tkey] = tuning.choose(gbps)
+            setting = results[tkey]
+        _C.set_isa(setting[0])
+        _C.set_decode_tuning(setting[1], setting[2])
 
         def step():
             wg, wu, _, wdt = lay.next()
@@ -157,13 +174,16 @@ def test_decode_ffn(benchmark, results, case):
     info.update(machine_info())
     info.update(d=d, D=D, dtype=dt_name, threads=nt, keep=keep, k=k, impl=impl, layers=lay.L,
                 bytes_per_call=int(nbytes), gbps=round(nbytes / t / 1e9, 2))
-    if impl == "sparse":
+    if impl.startswith("sparse"):
         info["kernel"] = _C.kernel_name(dt_name, True)
+        info["neurons_in_flight"], info["prefetch_neurons"] = _C.get_decode_tuning()
+        _C.set_isa("auto")
+        _C.set_decode_tuning(*DEFAULT_TUNING)
     dense = results.get(key + (1.0, "dense"))
     if dense:
         info["speedup_vs_dense"] = round(dense / t, 3)
     compact = results.get(key + (keep, "compact"))
-    if compact and impl == "sparse":
+    if compact and impl.startswith("sparse"):
         info["speedup_vs_compact"] = round(compact / t, 3)
     if impl == "compact":
         del copies

@@ -7,6 +7,8 @@
   fractions, with the agreement of each with the dense tokens.
 * ``generate``: prompt -> text, dense or patched.
 * ``calibrate``: model -> GlobalStats .safetensors file.
+* ``tune``: measure the decode kernel's per-machine setting (ISA, neurons in flight, prefetch) on a
+  model and cache it (``patch`` does this on its own the first time; this re-measures).
 * ``eval`` / ``bench``: the evaluation suite's drivers (``glass_kernels.evaluation.cli``).
 
 Timing method (demo): greedy decoding through ``model.generate`` with ``min_new_tokens =
@@ -259,6 +261,9 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
             stats, _ = _cached_or_calibrated_stats(
                 model, tok, args.model, num_sequences=args.calib_sequences, seq_len=args.calib_seq_len,
                 progress=not args.no_progress, out=out)
+    patch(model, stats=stats, method=method, keep=args.keep, lam=lam)  # measures the decode setting once
+    print(f"decode kernel: {session(model).decode_tuning.describe()}", file=out)
+    unpatch(model)
     chat = _use_chat(tok, args.chat)
     prompts = list(args.prompt) if args.prompt else list(DEFAULT_PROMPTS)
     encoded = [_encode(tok, p, chat) for p in prompts]
@@ -384,6 +389,27 @@ def run_generate(args, loader: Loader, out=sys.stdout) -> int:
     return 0
 
 
+def run_tune(args, loader: Loader, out=sys.stdout) -> int:
+    """Measure the decode kernel's per-machine setting on a real model (and cache it)."""
+    from . import tuning
+    from .patch import patch, session
+
+    _set_threads(args.threads)
+    print(machine_info(_DTYPES[args.dtype]), file=out)
+    model, _ = loader(args.model, _DTYPES[args.dtype])
+    patch(model, method="griffin", keep=args.keep, tune=False)  # the neuron-major layout to time
+    t = tuning.tuning_for_model(session(model)._state.sites, tune=True, keep=args.keep, force=True)
+    if t.gbps is None:
+        print(f"nothing measured: {t.describe()}", file=out)
+        return 0
+    print(f"GB/s of selected FFN weights, one token, keep {args.keep:g}, every layer of {args.model} per timing "
+          f"(median of 5), by ISA / neurons in flight / prefetch distance:", file=out)
+    for cand, v in sorted(t.gbps.items(), key=lambda kv: -kv[1]):
+        print(f"  {cand:<16}{v:8.2f}", file=out)
+    print(f"chosen: {t.describe()} -> {tuning.cache_file()}", file=out)
+    return 0
+
+
 def run_calibrate(args, loader: Loader, out=sys.stdout) -> int:
     from .calibrate import calibrate
 
@@ -448,7 +474,7 @@ def build_parser(argv_hint: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m glass_kernels", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,generate,calibrate,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,generate,calibrate,tune,eval,bench}")
     sub.required = True
     methods = _methods()
 
@@ -480,6 +506,10 @@ def build_parser(argv_hint: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("tune", help="measure the decode kernel's best setting for this machine on a model")
+    _common(t)
+    t.add_argument("--keep", type=_keep, default=0.5, help="keep fraction timed (default: %(default)s)")
 
     c = sub.add_parser("calibrate", help="compute a model's global statistics -> .safetensors")
     _common(c)
@@ -523,6 +553,8 @@ def main(argv: list[str] | None = None, *, loader: Loader | None = None, out=Non
         return run_generate(args, loader, out)
     if args.command == "calibrate":
         return run_calibrate(args, loader, out)
+    if args.command == "tune":
+        return run_tune(args, loader, out)
     if getattr(args, "_unavailable", None):
         parser.error(f"`{args.command}` is unavailable: glass_kernels.evaluation.cli could not be used "
                      f"({args._unavailable})")

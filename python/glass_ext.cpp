@@ -169,4 +169,16 @@ PYBIND11_MODULE(_C, m) {
       "set_num_threads", [](int n) { glass_set_num_threads(n); }, py::arg("n"),
       "Threads used by the kernels (n <= 0: all cores).");
   m.def("get_num_threads", []() { return glass_get_num_threads(); });
+  m.def(
+      "set_decode_tuning",
+      [](int neurons_in_flight, int prefetch_neurons) {
+        check(glass_set_decode_tuning(neurons_in_flight, prefetch_neurons));
+      },
+      py::arg("neurons_in_flight"), py::arg("prefetch_neurons"),
+      "T = 1 decoding: selected neurons in flight per thread (1..8) and prefetch distance in neurons (0..64).");
+  m.def("get_decode_tuning", []() {
+    int g = 0, p = 0;
+    glass_get_decode_tuning(&g, &p);
+    return py::make_tuple(g, p);
+  });
 }

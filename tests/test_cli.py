@@ -186,3 +186,21 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "glass_kernels", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "demo" in r.stdout and "calibrate" in r.stdout
+
+
+def test_tune_measures_and_prints_every_candidate(tmp_path, monkeypatch):
+    from glass_kernels import _ext, tuning
+
+    if not _ext.available():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("GLASS_KERNELS_CACHE", str(tmp_path))
+    C = _ext.require()
+    saved = C.get_isa(), C.get_decode_tuning()
+    try:
+        rc, out = run(["tune", "--model", "tiny", "--threads", "1"])
+    finally:
+        C.set_isa(saved[0])
+        C.set_decode_tuning(*saved[1])
+    assert rc == 0 and "chosen:" in out and str(tuning.cache_file()) in out
+    assert sum(line.startswith("  ") for line in out.splitlines()) == len(tuning.CANDIDATES) * len(
+        tuning._isa_candidates())

@@ -20,6 +20,33 @@ namespace {
 thread_local char g_error[512] = "";
 std::atomic<int> g_threads{0};  // 0: OpenMP default
 
+// Decode tuning (neuron_groups.inc). The defaults are a starting point, not a measurement of this
+// machine: 4 neurons in flight per thread reached STREAM bandwidth where one at a time reached two
+// thirds of it (a 2-core Xeon), and no software prefetch, the hardware's own being enough there.
+// glass_kernels measures the best setting per CPU model (glass_kernels/tuning.py) and sets it with
+// glass_set_decode_tuning; a vendoring stack can do the same, or set the environment variables.
+constexpr int kDefaultGroup = 4;
+constexpr int kDefaultPrefetch = 0;
+constexpr int kMaxGroupSetting = 8;
+constexpr int kMaxPrefetchSetting = 64;
+
+int env_int(const char* var, int dflt, int lo, int hi) {
+  const char* v = std::getenv(var);
+  if (!v || !*v) return dflt;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < lo || n > hi) return dflt;  // a malformed value changes nothing
+  return static_cast<int>(n);
+}
+std::atomic<int>& g_group() {
+  static std::atomic<int> v{env_int("GLASS_NEURONS_IN_FLIGHT", kDefaultGroup, 1, kMaxGroupSetting)};
+  return v;
+}
+std::atomic<int>& g_prefetch() {
+  static std::atomic<int> v{env_int("GLASS_PREFETCH_NEURONS", kDefaultPrefetch, 0, kMaxPrefetchSetting)};
+  return v;
+}
+
 #if defined(GLASS_HAVE_NEON)
 // GLASS_ISA_NEON_EXT: plain NEON, with the fp16 and bf16 kernels replaced by the extension kernels
 // this build has and this CPU runs (each extension is optional on its own in ARMv8.2-8.5).
@@ -208,6 +235,7 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
   if (nt < 1) nt = 1;
   a.nthreads = nt;
   a.nchunks = nch;
+  decode_tuning(&a.group, &a.prefetch);
   a.xlen = ((btd + 15) / 16) * 16;
   a.buf_len = ((rows * a.d + 15) / 16) * 16;
   try {
@@ -244,6 +272,11 @@ int default_threads() {
   return hc > 0 ? static_cast<int>(hc) : 1;
 }
 }  // namespace
+
+void decode_tuning(int* group, int* prefetch) {
+  *group = g_group().load();
+  *prefetch = g_prefetch().load();
+}
 
 int num_threads() {
   static const int dflt = default_threads();
@@ -420,6 +453,30 @@ const char* glass_kernel_name(glass_dtype dtype, int gated) {
 }
 
 void glass_set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
+
+glass_status glass_set_decode_tuning(int neurons_in_flight, int prefetch_neurons) {
+  g_error[0] = '\0';
+  if (neurons_in_flight < 1 || neurons_in_flight > kMaxGroupSetting) {
+    set_error("set_decode_tuning: neurons_in_flight = %d is outside [1, %d]", neurons_in_flight,
+              kMaxGroupSetting);
+    return GLASS_ERR_ARG;
+  }
+  if (prefetch_neurons < 0 || prefetch_neurons > kMaxPrefetchSetting) {
+    set_error("set_decode_tuning: prefetch_neurons = %d is outside [0, %d]", prefetch_neurons,
+              kMaxPrefetchSetting);
+    return GLASS_ERR_ARG;
+  }
+  g_group().store(neurons_in_flight);
+  g_prefetch().store(prefetch_neurons);
+  return GLASS_OK;
+}
+
+void glass_get_decode_tuning(int* neurons_in_flight, int* prefetch_neurons) {
+  int g, p;
+  decode_tuning(&g, &p);
+  if (neurons_in_flight) *neurons_in_flight = g;
+  if (prefetch_neurons) *prefetch_neurons = p;
+}
 
 int glass_get_num_threads(void) { return num_threads(); }
 

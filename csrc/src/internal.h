@@ -35,7 +35,12 @@ struct FfnArgs {
   int64_t xlen;            // floats reserved for x in fp32 (multiple of 16)
   int64_t nchunks;         // chunks per index set
   int64_t buf_len;         // floats per chunk buffer (>= rows * d, multiple of 16)
+  int group;               // T = 1 decoding: selected neurons in flight per thread (1..8)
+  int prefetch;            // ... and how many neurons ahead their rows are prefetched (0: none)
 };
+
+// Decode tuning in force (api.cpp): glass_set_decode_tuning, else the environment, else defaults.
+void decode_tuning(int* group, int* prefetch);
 
 typedef void (*ffn_fn)(const FfnArgs&);
 

@@ -10,6 +10,31 @@ namespace {
 constexpr int kTile = 4;
 template <class W>
 constexpr bool kDotNativeX = false;  // dot products read x in fp32
+template <class W>
+constexpr bool kNeuronGroups = true;
+
+// The vector traits (simd_traits.md) with one lane, for the neuron-group decode path. The token-tile
+// primitives below stay plain loops: this file is the reference the vector paths are tested against.
+using vfloat = float;
+constexpr int kLanes = 1;
+static inline vfloat vzero() { return 0.0f; }
+static inline vfloat vset1(float f) { return f; }
+template <class W>
+static inline vfloat vload(const W* p) { return to_f32(*p); }
+template <class W>
+static inline vfloat vload_tail(const W* p, int64_t) { return to_f32(*p); }  // never called: n < 1 lane
+static inline void vstore(float* p, vfloat v) { *p = v; }
+static inline void vstore_tail(float* p, vfloat v, int64_t) { *p = v; }
+static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+static inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
+static inline float vhsum(vfloat v) { return v; }
+static inline void prefetch_l2(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
 
 template <class W>
 static void cvt_to_f32(const W* src, float* dst, int64_t n) {
@@ -53,6 +78,7 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
   }
 }
 
+#include "neuron_groups.inc"
 #include "ffn_driver.inc"
 
 static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }

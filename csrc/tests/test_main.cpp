@@ -227,11 +227,20 @@ void test_ffn() {
                              s[3], s[4], batched != 0});
           }
   const int thread_counts[] = {1, 2, 3};
+  // Decode settings (neurons in flight, prefetch distance): the default first (the scalar reference
+  // of each case), then one at a time, an odd group with prefetch, the largest of both. They apply
+  // to one token per index set only, so other cases run the first setting alone.
+  const int settings[][2] = {{4, 0}, {1, 0}, {3, 2}, {8, 64}};
+  size_t runs = 0;
   for (const FfnCase& c : cases) {
     ++seed;
     std::vector<double> ref_scalar, bnd;
+    const int nset = (c.batched ? c.T : c.B * c.T) == 1 ? 4 : 1;
+    for (int si = 0; si < nset; ++si)
     for (glass_isa isa : isas) {
+      CHECK(glass_set_decode_tuning(settings[si][0], settings[si][1]) == GLASS_OK, "set_decode_tuning");
       CHECK(glass_set_isa(isa) == GLASS_OK, "set_isa(%s)", glass_isa_name(isa));
+      ++runs;
       std::vector<double> one_thread;
       for (int nt : thread_counts) {
         glass_set_num_threads(nt);
@@ -240,22 +249,23 @@ void test_ffn() {
         // The chunking does not depend on the thread count: bitwise the same result.
         if (nt == 1) one_thread = y;
         else CHECK(y == one_thread, "%s: %d threads differ from 1 thread", glass_isa_name(isa), nt);
-        if (isa == GLASS_ISA_SCALAR && nt == 1) {
+        if (isa == GLASS_ISA_SCALAR && nt == 1 && si == 0) {
           ref_scalar = y;
           bnd = b;
         } else {
           // Both are within the bound of the oracle, so they differ by at most twice of it.
           for (size_t i = 0; i < y.size(); ++i)
-            CHECK(std::fabs(y[i] - ref_scalar[i]) <= 2 * bnd[i], "%s vs scalar at %zu: %.9g vs %.9g",
-                  glass_isa_name(isa), i, y[i], ref_scalar[i]);
+            CHECK(std::fabs(y[i] - ref_scalar[i]) <= 2 * bnd[i], "%s (%d in flight) vs scalar at %zu: %.9g vs %.9g",
+                  glass_isa_name(isa), settings[si][0], i, y[i], ref_scalar[i]);
         }
       }
     }
   }
   glass_set_isa(GLASS_ISA_AUTO);
   glass_set_num_threads(0);
-  std::printf("sparse_ffn/sparse_mlp: %zu cases x %zu ISAs x 3 thread counts\n", cases.size(),
-              isas.size());
+  glass_set_decode_tuning(settings[0][0], settings[0][1]);
+  std::printf("sparse_ffn/sparse_mlp: %zu cases, %zu (case, ISA, decode setting) runs x 3 thread counts\n",
+              cases.size(), runs);
 }
 
 void test_stats() {
@@ -439,6 +449,16 @@ void test_errors() {
   loc[2] = std::nanf("");
   CHECK(glass_select_neurons(loc, 1, 4, rg, 0.5, 2, sel) == GLASS_ERR_ARG, "NaN score");
   CHECK(glass_set_isa(static_cast<glass_isa>(42)) == GLASS_ERR_ARG, "bad isa");
+  int g0 = 0, p0 = 0;
+  glass_get_decode_tuning(&g0, &p0);
+  CHECK(glass_set_decode_tuning(0, 0) == GLASS_ERR_ARG, "0 neurons in flight");
+  CHECK(glass_set_decode_tuning(9, 0) == GLASS_ERR_ARG, "9 neurons in flight");
+  CHECK(glass_set_decode_tuning(4, -1) == GLASS_ERR_ARG, "negative prefetch");
+  CHECK(glass_set_decode_tuning(4, 65) == GLASS_ERR_ARG, "prefetch > 64");
+  int g1 = 0, p1 = 0;
+  glass_get_decode_tuning(&g1, &p1);
+  CHECK(g1 == g0 && p1 == p0, "a rejected decode setting changes nothing");
+  glass_get_decode_tuning(nullptr, nullptr);  // NULL outputs are allowed
   CHECK(glass_get_isa() != GLASS_ISA_AUTO, "auto resolves to a concrete ISA");
   CHECK(glass_sparse_ffn(GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 8, w, w, w, 4, idx, 2, 0, y) ==
             GLASS_OK, "a good call clears the error");

@@ -175,6 +175,9 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
         for model, m in e2e.items():
             f = m["share"]
             L += [f"### {model} (FFN share of a dense decode step: {f * 100:.1f}%)" if f is not None else f"### {model}", ""]
+            tun = next((r["decode_tuning"] for r in m["decode"].values() if r.get("decode_tuning")), None)
+            if tun:
+                L += [f"Decode kernel: {tun}.", ""]
             L += ["| keep | method | threads | tokens/s | speed-up | Amdahl ceiling | ideal (FFN only) | decode steps sparse |",
                   "|---|---|---|---|---|---|---|---|"]
             for keep in sorted(m["decode"], reverse=True):

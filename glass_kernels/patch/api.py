@@ -115,6 +115,11 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
             for p in ps:
                 restore_row_major(p)
         raise
+    # After the relayout: the measurement reads the neuron-major rows the decode path will read.
+    from .. import tuning
+
+    state.decode_tuning = tuning.tuning_for_model(sites, config.tune, config.keep)
+    logger.info("glass_kernels: decode tuning %s", state.decode_tuning.describe())
     hooks = [
         model.register_forward_pre_hook(state.pre_hook, with_kwargs=True),
         # always_call: the backend context opened by the pre-hook is closed even if forward raises.

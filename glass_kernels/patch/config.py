@@ -42,6 +42,10 @@ class GlassConfig:
              Only "a-glass" / "i-glass" read it ("griffin" forces 0, "global" forces 1).
     backend: "auto" | "cpp" | "triton" | "torch": which implementation of the ops runs.
     seed:    seed of the "random" method's sets (layer l uses seed + l).
+    tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
+             glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
+             (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
+             whenever nothing is cached; False keeps the C core's defaults / the environment's.
     """
 
     method: str = "a-glass"
@@ -49,6 +53,7 @@ class GlassConfig:
     lam: float = DEFAULT_LAMBDA
     backend: str = "auto"
     seed: int = 0
+    tune: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,6 +70,8 @@ class GlassConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if self.tune not in (True, False, "auto"):
+            raise ValueError(f"tune must be True, False or \"auto\", got {self.tune!r}")
 
     @property
     def effective_lam(self) -> float:

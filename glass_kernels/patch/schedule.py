@@ -87,6 +87,7 @@ class GlassState:
         self.counters = {"prompt": 0, "sparse": 0, "dense": 0}
         self._warned: set[str] = set()
         self._backend_tokens: list = []
+        self.decode_tuning = None  # tuning.DecodeTuning, set by patch() (None: the core's own)
         self.reset()
 
     def warn_once(self, key: str, msg: str) -> None:
@@ -369,6 +370,10 @@ class GlassState:
         if self.neurons is None:
             self._calls = None
             return
+        if self.decode_tuning is not None and self.decode_tuning.source in ("measured", "cached"):
+            from .. import tuning
+
+            tuning.apply(self.decode_tuning)  # per sequence, in case another patched model changed it
         ops = _ops()
         calls = []
         for l, site in enumerate(self.sites):
@@ -501,6 +506,11 @@ class Session:
 
     def memory_overhead(self) -> dict[str, int]:
         return self._state.memory_overhead()
+
+    @property
+    def decode_tuning(self):
+        """The decode kernel's setting for this model (``glass_kernels.tuning.DecodeTuning``)."""
+        return self._state.decode_tuning
 
     def counters(self) -> dict[str, int]:
         """Forwards since ``patch`` (or ``reset_counters``), by how they ran.

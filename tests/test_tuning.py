@@ -1,0 +1,168 @@
+"""The decode kernel's per-machine setting: neuron groups are correct for every setting on every
+ISA, the C ABI validates the setting, and glass_kernels.tuning measures, caches, honours the
+environment and never trusts a corrupt cache. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import glass_kernels
+import tiny_models as tm
+from glass_kernels import _ext, ops, tuning
+from glass_kernels.patch import patch, session, unpatch
+from test_ops import _idx, _weights, native_ffn
+from tolerances import assert_close_derived
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"C++ extension not available ({_ext.load_error()})")
+
+
+@pytest.fixture
+def setting():
+    """Restores the core's ISA and decode setting after the test."""
+    C = _ext.require()
+    saved = C.get_isa(), C.get_decode_tuning()
+    yield C
+    C.set_isa(saved[0])
+    C.set_decode_tuning(*saved[1])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLASS_KERNELS_CACHE", str(tmp_path))
+    for var in tuning.ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+# -- correctness of every setting --------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", _ext.supported_isas() or ["none"])
+@pytest.mark.parametrize("group,prefetch", [(1, 0), (2, 0), (3, 1), (4, 4), (5, 2), (7, 9), (8, 0), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_neuron_groups_match_the_oracle(setting, isa, group, prefetch, dtype, rng):
+    C = setting
+    C.set_isa(isa)
+    C.set_decode_tuning(group, prefetch)
+    # T = 1 per index set (the grouped path): one sequence, and three with their own sets; k not a
+    # multiple of the group (remainder groups), odd d (vector tails)
+    for B, d, D, k, batched in ((1, 37, 61, 29, False), (3, 70, 45, 11, True), (2, 16, 9, 1, True)):
+        wg, wu, wd = _weights(rng, D, d, dtype)
+        x = torch.randn(B, 1, d, generator=rng).to(dtype)
+        idx = _idx(rng, B, D, k, batched, torch.int32, False)
+        with glass_kernels.backend("cpp"):
+            y = ops.sparse_ffn(x, wg, wu, wd, idx, "silu")
+            b_in = torch.randn(D, generator=rng).to(dtype)
+            b_out = torch.randn(d, generator=rng).to(dtype)
+            z = ops.sparse_mlp(x, wg, b_in, wd, b_out, idx, "gelu_tanh")
+        oracle = native_ffn(x, wg, wu, wd, None, None, idx, "silu", torch.float64)
+        same = native_ffn(x, wg, wu, wd, None, None, idx, "silu", dtype)
+        assert_close_derived(y, oracle, same, f"sparse_ffn[{isa}, group {group}]")
+        oracle = native_ffn(x, wg, None, wd, b_in, b_out, idx, "gelu_tanh", torch.float64)
+        same = native_ffn(x, wg, None, wd, b_in, b_out, idx, "gelu_tanh", dtype)
+        assert_close_derived(z, oracle, same, f"sparse_mlp[{isa}, group {group}]")
+
+
+def test_grouped_results_do_not_depend_on_threads(setting, rng):
+    C = setting
+    C.set_decode_tuning(4, 4)
+    wg, wu, wd = _weights(rng, 300, 96, torch.float32)
+    x = torch.randn(1, 1, 96, generator=rng)
+    idx = _idx(rng, 1, 300, 211, False, torch.int32, False)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)  # the ops run the core with torch's thread count
+            outs.append(ops.sparse_ffn(x, wg, wu, wd, idx, "silu"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_decode_tuning_is_validated(setting):
+    C = setting
+    C.set_decode_tuning(3, 7)
+    assert C.get_decode_tuning() == (3, 7)
+    for bad in ((0, 0), (9, 0), (4, -1), (4, 65)):
+        with pytest.raises(ValueError, match="set_decode_tuning"):
+            C.set_decode_tuning(*bad)
+    assert C.get_decode_tuning() == (3, 7)  # unchanged by the rejected calls
+
+
+# -- measuring, choosing, caching ----------------------------------------------------------------
+
+def test_choose_prefers_the_fastest_then_the_simplest():
+    assert tuning.choose({("avx2", 1, 0): 10.0, ("avx2", 4, 0): 15.0, ("avx2", 8, 8): 14.0}) == ("avx2", 4, 0)
+    # within 2% of the best: fewer neurons in flight, then less prefetch
+    assert tuning.choose({("a", 8, 8): 15.0, ("a", 4, 4): 14.9, ("a", 4, 0): 14.8}) == ("a", 4, 0)
+
+
+def test_measure_times_every_candidate_and_restores_the_setting(setting, rng):
+    C = setting
+    C.set_decode_tuning(2, 3)
+    layers = [tuple(_weights(rng, 64, 48, torch.float32)) for _ in range(3)]  # neuron-major [D, d]
+    isa_before = C.get_isa()
+    gbps = tuning.measure(layers, torch.float32, 48, keep=0.5, rounds=1)
+    want = {(i, n, p) for i in tuning._isa_candidates() for n, p in tuning.CANDIDATES}
+    assert set(gbps) == want and all(v > 0 for v in gbps.values())
+    assert C.get_decode_tuning() == (2, 3) and C.get_isa() == isa_before
+
+
+def test_tiny_models_keep_the_defaults_unless_asked(cache, setting):
+    model = tm.build("llama")
+    patch(model, method="griffin", keep=0.5)  # tune="auto": a tiny FFN says nothing about DRAM
+    assert session(model).decode_tuning.source == "default"
+    assert not (cache / "tuning").exists()
+    unpatch(model)
+
+
+def test_measured_once_then_cached(cache, setting, monkeypatch):
+    model = tm.build("qwen2")
+    calls = []
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: calls.append(1) or real(*a, **{**k, "rounds": 1}))
+    patch(model, method="griffin", keep=0.5, tune=True)
+    t = session(model).decode_tuning
+    assert t.source == "measured" and len(calls) == 1 and t.isa in _ext.supported_isas()
+    unpatch(model)
+    doc = json.loads(tuning.cache_file().read_text())
+    entry = doc["entries"][f"float32/d{tm.D_MODEL}/t{torch.get_num_threads()}"]
+    assert entry["isa"] == t.isa and entry["versions"]["glass_kernels_commit"]
+    patch(model, method="griffin", keep=0.5, tune=True)
+    assert session(model).decode_tuning.source == "cached" and len(calls) == 1
+    # the cached setting is what the core runs once a sequence decodes
+    with torch.no_grad():
+        out = model(torch.tensor([[5, 6, 7]]), use_cache=True)
+        model(torch.tensor([[8]]), **glass_kernels.hf_compat.cache_kwargs(model, glass_kernels.hf_compat.output_cache(out)))
+    assert setting.get_decode_tuning() == (t.neurons_in_flight, t.prefetch_neurons)
+    unpatch(model)
+
+
+def test_corrupt_cache_is_ignored_and_replaced(cache, setting, caplog):
+    path = tuning.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    model = tm.build("llama")
+    with caplog.at_level(logging.WARNING, logger="glass_kernels.tuning"):
+        patch(model, method="griffin", keep=0.5, tune=True)
+    assert any("unreadable tuning cache" in r.getMessage() for r in caplog.records)
+    assert session(model).decode_tuning.source == "measured"
+    assert json.loads(path.read_text())["format"] == 1
+    unpatch(model)
+
+
+def test_environment_wins_over_the_measurement(cache, setting, monkeypatch):
+    C = setting
+    C.set_decode_tuning(2, 5)  # as if the core had read GLASS_NEURONS_IN_FLIGHT=2 at start-up
+    monkeypatch.setenv("GLASS_NEURONS_IN_FLIGHT", "2")
+    tuning.apply(tuning.DecodeTuning(C.get_isa(), 8, 8, "measured"))
+    assert C.get_decode_tuning() == (2, 8)  # the environment's count stays, the prefetch is applied
+
+
+def test_tune_argument_is_checked():
+    with pytest.raises(ValueError, match="tune must be"):
+        glass_kernels.GlassConfig(tune="yes")
