@@ -1,9 +1,19 @@
-"""A/B in one process: the previous commit's one-neuron-at-a-time kernel (old) vs this commit's
-traits-based kernel at 1 in flight (new1) and at 4 in flight (new4). Cold caches (>= 1.2 GiB of layers),
-2 threads, alternating every round; median of rounds."""
+"""A/B in one process: another build of the extension (OLD, e.g. an earlier commit) against this
+checkout's, alternating every round on the same cold layers (>= 1.2 GiB), 2 threads; GB/s of the
+selected weight bytes, median of 7 rounds. Columns: OLD; this build at 1 neuron in flight (the
+token-tile path); this build at 4 in flight.
+
+    git worktree add /tmp/old <commit> && cmake -S /tmp/old -B /tmp/oldbuild -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DGLASS_BUILD_PYTHON=ON -DGLASS_BUILD_TESTS=OFF \
+        -DPython_EXECUTABLE=$(which python) -Dpybind11_DIR=$(python -m pybind11 --cmakedir) \
+        -DGLASS_PYTHON_OUTPUT_DIR=/tmp/oldpkg && cmake --build /tmp/oldbuild --target _C
+    python benchmarks/ab_previous_kernel.py /tmp/oldpkg/_C.cpython-*.so
+"""
 import importlib.util, statistics, sys, time, types, torch
-sys.modules["glass_old"] = types.ModuleType("glass_old")
-spec = importlib.util.spec_from_file_location("glass_old._C", "/tmp/oldpkg/glass_old/_C.cpython-311-x86_64-linux-gnu.so")
+if len(sys.argv) != 2:
+    raise SystemExit(__doc__)
+sys.modules["glass_old"] = types.ModuleType("glass_old")  # the .so's init symbol is PyInit__C
+spec = importlib.util.spec_from_file_location("glass_old._C", sys.argv[1])
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 import glass_kernels._C as new
 torch.manual_seed(0)
