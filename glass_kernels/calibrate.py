@@ -1,4 +1,4 @@
-"""``calibrate()``: the global statistics of method.md, from self-generated (NPS) or user text.
+"""``calibrate()``: the global statistics of docs/method.md, from self-generated (NPS) or user text.
 
 NPS ("the model's own text", the paper's best variant):
 

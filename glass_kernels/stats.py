@@ -1,6 +1,6 @@
 """Global (offline) neuron statistics of a model: :class:`GlobalStats`.
 
-A ``GlobalStats`` holds, for every FFN layer of one model, the two global statistics of method.md
+A ``GlobalStats`` holds, for every FFN layer of one model, the two global statistics of docs/method.md
 ("activation" and "impact"), each stored as the fp32 *sum of squares* of per-token normalised
 activations over the calibration corpus (the statistic's square: the ranks are the same, and sums
 accumulate across files or chunks).  It also carries metadata naming the model it belongs to, so that

@@ -74,8 +74,8 @@ def reference_stats(model, ids, mask, dtype, stat_dtype=None):
 
 
 def assert_stats_match(stats, model, ids, mask):
-    # torch's own result: the model in its dtype, the statistic in fp32 (method.md: "compute
-    # statistics in fp32 whatever the model dtype"); the oracle: everything in fp64.
+    # torch's own result: the model in its dtype, the statistic in fp32 (docs/method.md: "accumulated
+    # in fp32 whatever the model's dtype"); the oracle: everything in fp64.
     dtype = next(model.parameters()).dtype
     ref_a, ref_i = reference_stats(model, ids, mask, dtype, torch.float32)
     ora_a, ora_i = reference_stats(model, ids, mask, torch.float64)

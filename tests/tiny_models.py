@@ -273,7 +273,7 @@ def griffin_reference(model, ids, k_per_layer, attention_mask=None, impact=False
 
 
 def aggregate_reference(local: torch.Tensor, global_rank: torch.Tensor, lam: float, k: int) -> torch.Tensor:
-    """method.md's rank aggregation in plain Python/torch: a(i) = lam r_G(i) + (1 - lam) r_L(i),
+    """docs/method.md's rank aggregation in plain Python/torch: a(i) = lam r_G(i) + (1 - lam) r_L(i),
     k smallest, ties -> better r_L then lower index; sorted int32 [B, k]."""
     B, D = local.shape
     out = []

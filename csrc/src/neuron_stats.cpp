@@ -1,4 +1,4 @@
-// neuron_stats: GRIFFIN's per-neuron statistic (method.md), summed into an fp32 [B, D] buffer.
+// neuron_stats: GRIFFIN's per-neuron statistic (docs/method.md), summed into an fp32 [B, D] buffer.
 // Two passes over h: per-token norms (parallel over tokens), then the per-neuron sums (parallel over
 // column blocks, each owned by one thread: no atomics, deterministic for a fixed thread count... and
 // in fact for any thread count, since every out[b, i] is summed over tokens in token order).

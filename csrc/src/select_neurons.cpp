@@ -1,4 +1,4 @@
-// select_neurons: rank aggregation + top-k (method.md). Compiled with -ffp-contract=off: the
+// select_neurons: rank aggregation + top-k (docs/method.md). Compiled with -ffp-contract=off: the
 // aggregated score must be lam * rG + (1 - lam) * rL rounded step by step, never fused, so that every
 // backend (torch reference, Triton, C++) picks the same set.
 #include <algorithm>

@@ -1,4 +1,4 @@
-"""Quality metrics of a sparse model against the dense one (method.md "Evaluation").
+"""Quality metrics of a sparse model against the dense one (docs/method.md "Evaluation").
 
 All functions work on logits of teacher-forced positions and a boolean mask of the positions that
 count (padding / positions outside the continuation excluded). Reductions run in float64 so that

@@ -1,4 +1,4 @@
-"""The evaluation driver (issue 5, method.md "Evaluation").
+"""The evaluation driver (issue 5, docs/method.md "Evaluation").
 
 Protocol, per model:
 

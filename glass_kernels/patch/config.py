@@ -13,7 +13,7 @@ NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
 # Methods whose selection uses the prompt's local statistic.
 NEEDS_LOCAL = frozenset({"a-glass", "i-glass", "griffin"})
 
-# Project default for lambda (method.md: "chosen by a sweep ... and documented"). Chosen on the
+# Project default for lambda (docs/method.md, "Aggregation"). Chosen on the
 # TUNE split of the prompt set (never the held-out one): 24 prompts, 256-token continuations,
 # 64 x 256-token NPS statistics, keep 0.5, mean KL(dense || sparse):
 #   lam               0      0.25   0.5    0.625  0.75   0.875  1

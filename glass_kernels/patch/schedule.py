@@ -1,4 +1,4 @@
-"""The GLASS schedule (method.md "Schedule"): dense prompt + local statistics, then sparse decode.
+"""The GLASS schedule (docs/method.md, "When the neurons are chosen"): dense prompt + local statistics, then sparse decode.
 
 The phase is read from what the patched model's forward really receives, through a forward
 pre-hook (with kwargs) on the top-level model instance:
@@ -450,7 +450,7 @@ class Session:
     ``prompt()``: context manager; forwards inside it are prompt chunks (dense, accumulate the
     local statistics) even with a non-empty cache. ``reset()``: forget the current sequence.
     ``local_stats()``: per layer fp32 [B, D], the accumulated sum over prompt tokens of
-    (h_i / ||h||)^2 (times ||W_down[:, i]||^2 for i-glass) -- the square of method.md's L_i.
+    (h_i / ||h||)^2 (times ||W_down[:, i]||^2 for i-glass) -- the square of docs/method.md's L_i.
     ``neurons()``: per layer int32 [B, k] (selecting now if the prompt is complete but no decode
     forward has run yet). ``set_neurons(sets)``: force explicit per-layer sets ([B, k] or [k]) for
     the current sequence; the next new sequence (empty cache) starts over. ``phase``: "idle",

@@ -1,7 +1,7 @@
 """Local neuron statistics in Triton: out[b, i] += sum_t (v_t,i / ||v_t||_2)^2.
 
 v_t = h[b, t, :] (activation form) or h[b, t, :] * down_norms (impact form), in fp32; tokens whose
-mask is 0 or whose norm is 0 add nothing (docs/architecture.md, method.md).
+mask is 0 or whose norm is 0 add nothing (docs/architecture.md, docs/method.md).
 
 Design: deterministic and atomic-free, two launches.
 1. ``_neuron_stats_norm_kernel``: one program per (b, t) row computes ||v_t|| in fp32 over D

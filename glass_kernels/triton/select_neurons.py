@@ -1,4 +1,4 @@
-"""Rank-aggregation neuron selection (method.md), exact on the GPU.
+"""Rank-aggregation neuron selection (docs/method.md), exact on the GPU.
 
 r^L(i): rank of local[b, i] by descending score, ties -> lower index (1 = best);
 a(i) = lam * r^G(i) + (1 - lam) * r^L(i) in float64, computed in that order without FMA;

@@ -71,7 +71,7 @@ def aggregate(row, global_rank, lam, fma=False):
 
 
 def select_neurons(local, global_rank, lam, k, fma=False):
-    """Plain-Python oracle of select_neurons (method.md), independent of any tensor sort."""
+    """Plain-Python oracle of select_neurons (docs/method.md), independent of any tensor sort."""
     g = global_rank.tolist()
     out = []
     for row in local.reshape(-1, local.shape[-1]).tolist():

@@ -78,7 +78,7 @@ GLASS_API glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act,
                                         void* y);
 
 /*
- * Neuron statistics (GRIFFIN's, method.md), ADDED into out fp32 [B, D]:
+ * Neuron statistics (GRIFFIN's, docs/method.md), ADDED into out fp32 [B, D]:
  * for each token t of sequence b with mask[b,t] != 0 (or mask == NULL): v = h[b,t,:]
  * (times down_norms elementwise when down_norms != NULL: the impact form), n = ||v||_2 in fp32;
  * if n > 0: out[b,i] += (v_i / n)^2. h [B,T,D] has the model dtype; down_norms fp32 [D];
