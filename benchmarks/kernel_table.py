@@ -53,6 +53,14 @@ def tables(data: dict) -> str:
                 f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} | "
                 f"{'' if sd is None else f'{sd:.2f}'} | {'' if sc is None else f'{sc:.2f}'} |")
         lines.append("")
+        slower = [b["extra_info"] for b in decode if b["extra_info"].get("impl") == "sparse"
+                  and b["extra_info"].get("speedup_vs_compact", 1.0) < 0.95]
+        if slower:
+            lines.append("**The gathered kernel is slower than the compacted copy (by more than 5%) here:** " + "; ".join(
+                f"{e['d']}x{e['D']} {e['dtype']} keep {e['keep']} ({e['speedup_vs_compact']:.2f}x)" for e in slower)
+                + ". On this machine and shape a per-prompt copy of the selected rows would decode faster, at the"
+                " cost of keep x the FFN's bytes of extra memory.")
+            lines.append("")
     if other:
         lines += ["| measurement | threads | median ms | GB/s | % of dense prefill |", "|---|---|---|---|---|"]
         for b in other:
