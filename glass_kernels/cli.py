@@ -406,6 +406,7 @@ def run_tune(args, loader: Loader, out=sys.stdout) -> int:
           f"(median of 5), by ISA / neurons in flight / prefetch distance:", file=out)
     for cand, v in sorted(t.gbps.items(), key=lambda kv: -kv[1]):
         print(f"  {cand:<16}{v:8.2f}", file=out)
+    print("(entries ending in /compact: the same kernel reading a compacted copy of the selected rows)", file=out)
     print(f"chosen: {t.describe()} -> {tuning.cache_file()}", file=out)
     return 0
 

@@ -41,7 +41,7 @@ ENV_VARS = ("GLASS_ISA", "GLASS_NEURONS_IN_FLIGHT", "GLASS_PREFETCH_NEURONS")
 # patch(tune="auto") measures when the FFN weights are at least this many times the last-level cache:
 # below that, repeated calls hit the cache and the timing says nothing about decoding from DRAM.
 COLD_FACTOR = 4
-_FORMAT = 1
+_FORMAT = 2  # 2: compact-read candidates and "compact_faster"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,14 @@ class DecodeTuning:
     prefetch_neurons: int
     source: str  # "measured" | "cached" | "environment" | "default"
     gbps: dict | None = None  # candidate -> GB/s of selected weight bytes, when measured
+    # The same kernel reading a compacted copy of the selected rows was more than 5% faster than
+    # reading them in place (GlassConfig(strategy="auto") then copies).
+    compact_faster: bool = False
 
     def describe(self) -> str:
         pf = "" if self.neurons_in_flight == 1 else f", prefetch {self.prefetch_neurons} neurons ahead"
-        return f"{self.isa}, {self.neurons_in_flight} neuron(s) in flight{pf} ({self.source})"
+        copy = "; a compacted copy reads faster here" if self.compact_faster else ""
+        return f"{self.isa}, {self.neurons_in_flight} neuron(s) in flight{pf} ({self.source}{copy})"
 
 
 def _ext():
@@ -133,13 +137,15 @@ def _isa_candidates() -> list[str]:
 
 
 def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0.5, rounds: int = 5,
-            seed: int = 0) -> dict[tuple[str, int, int], float]:
+            seed: int = 0, compact: bool = False) -> dict[tuple, float]:
     """GB/s of selected weight bytes for every (isa, neurons in flight, prefetch) candidate.
 
     ``layers``: per FFN layer the gated operands (w_gate, w_up, w_down_t), each [D, d] contiguous in
     ``dtype``. One token, a sorted random set of keep * D neurons per layer; every timing walks all
     layers once (cold caches when they exceed the last-level cache), candidates interleaved round by
-    round so that drift hits all alike; the median of ``rounds``.
+    round so that drift hits all alike; the median of ``rounds``. ``compact``: also time, per ISA,
+    the same kernel reading k contiguous rows (what a compacted copy of the selection costs to read),
+    keyed (isa, n, p, "compact").
     """
     C = _ext().require()
     _ext().sync_threads(C)
@@ -153,14 +159,18 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
     nbytes = 3 * k * d * x.element_size()
     saved_isa, saved = C.get_isa(), C.get_decode_tuning()
     cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
+    if compact:
+        cands += [(isa, nf, pf, "compact") for isa in _isa_candidates() for nf, pf in ((1, 0), (4, 0))]
+    contiguous = torch.arange(k, dtype=torch.int32)
     times: dict = {c: [] for c in cands}
     try:
         for _ in range(rounds + 1):  # the first round warms up (page faults, code) and is dropped
             for c in cands:
                 C.set_isa(c[0])
                 C.set_decode_tuning(c[1], c[2])
+                sets = [contiguous] * len(idx) if len(c) == 4 else idx
                 t0 = time.perf_counter()
-                for (w1, w2, w3), i in zip(layers, idx):
+                for (w1, w2, w3), i in zip(layers, sets):
                     C.sparse_ffn(dn, "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
                                  D, i.data_ptr(), k, False, y.data_ptr())
                 times[c].append((time.perf_counter() - t0) / len(layers))
@@ -170,11 +180,18 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
     return {c: nbytes / statistics.median(ts[1:]) / 1e9 for c, ts in times.items()}
 
 
-def choose(gbps: dict[tuple[str, int, int], float]) -> tuple[str, int, int]:
-    """The fastest candidate; a simpler one (fewer in flight, no prefetch) wins ties within 2%."""
-    best = max(gbps.values())
-    close = [c for c, v in gbps.items() if v >= 0.98 * best]
-    return min(close, key=lambda c: (c[1], c[2], -gbps[c]))
+def choose(gbps: dict[tuple, float]) -> tuple[str, int, int]:
+    """The fastest in-place candidate; a simpler one (fewer in flight, no prefetch) wins ties within 2%."""
+    gathered = {c: v for c, v in gbps.items() if len(c) == 3}
+    best = max(gathered.values())
+    close = [c for c, v in gathered.items() if v >= 0.98 * best]
+    return min(close, key=lambda c: (c[1], c[2], -gathered[c]))
+
+
+def compact_is_faster(gbps: dict[tuple, float]) -> bool:
+    """Whether reading a compacted copy beat the best in-place candidate by more than 5%."""
+    copies = [v for c, v in gbps.items() if len(c) == 4]
+    return bool(copies) and max(copies) > 1.05 * gbps[choose(gbps)]
 
 
 def _gated_layers(sites) -> list[tuple]:
@@ -205,7 +222,7 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     supported = set(ext.supported_isas())
     if entry and entry.get("isa") in supported and not force:
         return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
-                            "cached", entry.get("gbps"))
+                            "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)))
     layers = _gated_layers(sites)
     ffn_bytes = sum(sum(t.numel() * t.element_size() for t in l) for l in layers)
     cold = ffn_bytes >= COLD_FACTOR * last_level_cache_bytes()
@@ -213,14 +230,16 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         t = current()
         return dataclasses.replace(t, source="environment" if _env_overrides() else "default")
     t0 = time.perf_counter()
-    gbps = measure(layers, dtype, d, keep=keep)
+    gbps = measure(layers, dtype, d, keep=keep, compact=True)
     isa, nf, pf = choose(gbps)
-    table = {f"{i}/{n}/{p}": round(v, 2) for (i, n, p), v in gbps.items()}
+    faster_copy = compact_is_faster(gbps)
+    table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     logger.info("glass_kernels: decode tuning measured in %.1f s: %s, %d in flight, prefetch %d",
                 time.perf_counter() - t0, isa, nf, pf)
     doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
     doc["entries"][_key(dtype, d, threads)] = {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "gbps": table,
+        "compact_faster": faster_copy,
         "ffn_bytes": ffn_bytes, "cold": cold, "keep": keep,
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": software_versions(),
@@ -232,4 +251,4 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache costs a re-measurement next time, nothing else
         logger.warning("glass_kernels: could not write the tuning cache %s (%s)", path, e)
-    return DecodeTuning(isa, nf, pf, "measured", table)
+    return DecodeTuning(isa, nf, pf, "measured", table, faster_copy)

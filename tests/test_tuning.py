@@ -151,7 +151,7 @@ def test_corrupt_cache_is_ignored_and_replaced(cache, setting, caplog):
         patch(model, method="griffin", keep=0.5, tune=True)
     assert any("unreadable tuning cache" in r.getMessage() for r in caplog.records)
     assert session(model).decode_tuning.source == "measured"
-    assert json.loads(path.read_text())["format"] == 1
+    assert json.loads(path.read_text())["format"] == tuning._FORMAT
     unpatch(model)
 
 
@@ -166,3 +166,57 @@ def test_environment_wins_over_the_measurement(cache, setting, monkeypatch):
 def test_tune_argument_is_checked():
     with pytest.raises(ValueError, match="tune must be"):
         glass_kernels.GlassConfig(tune="yes")
+
+
+# -- strategy: in place or from a compacted copy ------------------------------------------------
+
+def _decode_logits(model, ids, nxt):
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = glass_kernels.hf_compat.output_cache(out)
+        return model(nxt, **glass_kernels.hf_compat.cache_kwargs(model, cache)).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_compact_copy_reads_the_same_bits(family):
+    model = tm.build(family)
+    ids, nxt = torch.tensor([[5, 9, 17, 3]]), torch.tensor([[11]])
+    got = {}
+    for strategy in ("gather", "compact"):
+        patch(model, method="griffin", keep=0.5, strategy=strategy, tune=False)
+        got[strategy] = _decode_logits(model, ids, nxt)
+        assert session(model).strategy == strategy
+        copies = session(model).memory_overhead()["compact_copies"]
+        assert (copies > 0) == (strategy == "compact")
+        unpatch(model)
+    assert torch.equal(got["gather"], got["compact"])
+
+
+def test_compact_needs_one_shared_set(caplog):
+    model = tm.build("qwen3")
+    patch(model, method="griffin", keep=0.5, strategy="compact", tune=False)
+    ids = torch.tensor([[5, 9, 17, 3], [7, 8, 30, 2]])  # two prompts: two sets
+    with caplog.at_level(logging.WARNING, logger="glass_kernels.patch"):
+        _decode_logits(model, ids, torch.tensor([[11], [12]]))
+    assert session(model).strategy == "gather"
+    assert any("needs one neuron set" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_copies_only_where_measured_faster():
+    model = tm.build("llama")
+    ids, nxt = torch.tensor([[5, 9, 17, 3]]), torch.tensor([[11]])
+    for faster, want in ((False, "gather"), (True, "compact")):
+        patch(model, method="griffin", keep=0.5, strategy="auto", tune=False)
+        state = session(model)._state
+        state.decode_tuning = tuning.DecodeTuning("scalar", 1, 0, "default", None, faster)
+        _decode_logits(model, ids, nxt)
+        assert session(model).strategy == want
+        unpatch(model)
+
+
+def test_compact_is_faster_needs_a_clear_margin():
+    base = {("avx2", 4, 0): 10.0, ("avx2", 1, 0): 8.0}
+    assert not tuning.compact_is_faster(base)
+    assert not tuning.compact_is_faster({**base, ("avx2", 4, 0, "compact"): 10.4})
+    assert tuning.compact_is_faster({**base, ("avx2", 1, 0, "compact"): 10.6})
+    assert tuning.choose({**base, ("avx2", 1, 0, "compact"): 99.0}) == ("avx2", 4, 0)

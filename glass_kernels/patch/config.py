@@ -7,6 +7,7 @@ import math
 
 METHODS = ("a-glass", "i-glass", "griffin", "global", "random", "dense")
 BACKENDS = ("auto", "cpp", "triton", "torch")
+STRATEGIES = ("gather", "compact", "auto")
 
 # Methods whose selection needs the offline global statistics (GlobalStats).
 NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
@@ -42,6 +43,12 @@ class GlassConfig:
              Only "a-glass" / "i-glass" read it ("griffin" forces 0, "global" forces 1).
     backend: "auto" | "cpp" | "triton" | "torch": which implementation of the ops runs.
     seed:    seed of the "random" method's sets (layer l uses seed + l).
+    strategy: how the decode reads the selected neurons: "gather" (default) reads their rows in
+             place, no copy; "compact" copies them once per prompt into contiguous buffers (keep x
+             the FFN's bytes of extra memory, freed at the next prompt) and reads the copy; "auto"
+             takes the copy only where the decode tuning measured it faster than in-place reads on
+             this machine. A copy needs one neuron set for all rows (B = 1, or rows sharing a set);
+             per-sequence sets always gather. ``session(model).strategy`` says which ran.
     tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
              glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
              (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
@@ -53,6 +60,7 @@ class GlassConfig:
     lam: float = DEFAULT_LAMBDA
     backend: str = "auto"
     seed: int = 0
+    strategy: str = "gather"
     tune: bool | str = "auto"
 
     def __post_init__(self) -> None:
@@ -70,6 +78,8 @@ class GlassConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.tune not in (True, False, "auto"):
             raise ValueError(f"tune must be True, False or \"auto\", got {self.tune!r}")
 

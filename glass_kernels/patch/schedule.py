@@ -51,6 +51,20 @@ def _ops():
     return ops
 
 
+def _compact_copy(operands: tuple, idx: torch.Tensor, kind: str) -> tuple[tuple, torch.Tensor]:
+    """The selected neurons' rows copied into contiguous buffers, and the indices that read them all.
+
+    Reading the copy with idx = 0..k-1 runs the same kernel over the same rows in the same order, so
+    the result is bitwise that of reading them in place; only the memory access pattern differs."""
+    rows = idx.long()
+    every = torch.arange(idx.numel(), dtype=torch.int32, device=idx.device)
+    if kind == "gated":
+        return tuple(w.index_select(0, rows) for w in operands), every
+    w_in, b_in, w_out_t, b_out = operands
+    return (w_in.index_select(0, rows), None if b_in is None else b_in.index_select(0, rows),
+            w_out_t.index_select(0, rows), b_out), every
+
+
 class GlassState:
     """Everything a patched model keeps between forwards (shared by all its GlassFFN modules).
 
@@ -109,6 +123,7 @@ class GlassState:
         self.neurons: list[torch.Tensor] | None = None  # int32 [B or 1, k] per layer
         self.forced = False
         self._calls: list | None = None  # per layer (fn, operands, idx, activation)
+        self.strategy_used: str | None = None  # "gather" | "compact" for the current sets
 
     def _down_norm(self, site: FFNSite) -> torch.Tensor:
         w = site.handler.down_weight(site.module).detach()  # [d, D] logical
@@ -376,6 +391,8 @@ class GlassState:
             tuning.apply(self.decode_tuning)  # per sequence, in case another patched model changed it
         ops = _ops()
         calls = []
+        compact = self._use_compact()
+        self.strategy_used = "compact" if compact else "gather"
         for l, site in enumerate(self.sites):
             h = site.handler
             operands = tuple(h.weights(site.module))
@@ -383,6 +400,8 @@ class GlassState:
             if idx.shape[0] == 1:
                 idx = idx[0]  # one set shared by every row (any batch size)
             idx = idx.to(operands[0].device).contiguous()
+            if compact:
+                operands, idx = _compact_copy(operands, idx, h.kind)
             # validate_* check every operand and the idx range once, and return the int32
             # contiguous idx that the prevalidated (per-token) functions require.
             if h.kind == "gated":
@@ -393,6 +412,22 @@ class GlassState:
                 fn = ops.sparse_mlp_prevalidated
             calls.append((fn, operands, idx, h.activation))
         self._calls = calls
+
+    def _use_compact(self) -> bool:
+        """Whether this prompt's sets are read from a compacted copy (GlassConfig.strategy)."""
+        strategy = self.config.strategy
+        if strategy == "gather":
+            return False
+        shared = all(t.shape[0] == 1 for t in self.neurons)
+        if not shared:
+            if strategy == "compact":
+                self.warn_once("compact-per-seq", "glass_kernels: strategy=\"compact\" needs one neuron set "
+                               "for all rows; these sequences have their own sets, so they are read in place")
+            return False
+        if strategy == "compact":
+            return True
+        t = self.decode_tuning
+        return bool(t is not None and t.compact_faster)
 
     def sparse_forward(self, layer: int, x: torch.Tensor, flattens: bool) -> torch.Tensor:
         fn, operands, idx, act = self._calls[layer]
@@ -439,6 +474,8 @@ class GlassState:
             "fixed_sets": nbytes(self._fixed.values()),
             "local_stats": nbytes(self.local),
             "neuron_sets": nbytes(self.neurons or []),
+            "compact_copies": sum(nbytes(ops[:3]) for _, ops, _, _ in self._calls or []
+                                  if self.strategy_used == "compact"),
         }
         out["total"] = sum(out.values())
         return out
@@ -506,6 +543,11 @@ class Session:
 
     def memory_overhead(self) -> dict[str, int]:
         return self._state.memory_overhead()
+
+    @property
+    def strategy(self) -> str | None:
+        """How the current sets are read: "gather" (in place) or "compact" (a per-prompt copy)."""
+        return self._state.strategy_used
 
     @property
     def decode_tuning(self):
