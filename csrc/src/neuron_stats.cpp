@@ -98,8 +98,9 @@ glass_status neuron_stats_impl(glass_dtype dtype, const void* h, int64_t B, int6
       return stats_impl(static_cast<const f16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
     case GLASS_BF16:
       return stats_impl(static_cast<const bf16_t*>(h), B, T, D, down_norms, mask, out, nthreads);
+    default:  // rejected by the C ABI before this point
+      return GLASS_ERR_ARG;
   }
-  return GLASS_ERR_ARG;
 }
 
 }  // namespace glass

@@ -24,13 +24,18 @@ extern "C" {
 #define GLASS_API __attribute__((visibility("default")))
 #endif
 
-typedef enum { GLASS_F32 = 0, GLASS_F16 = 1, GLASS_BF16 = 2 } glass_dtype;
+/* Each argument enum ends in a *_INT_RANGE_ member that is never a valid value: it widens the type's
+ * range to every int, so that a C caller may pass any int (C++ gives no meaning to an enum value
+ * outside its range). The core checks every enum argument against its valid values and returns
+ * GLASS_ERR_ARG otherwise. */
+typedef enum { GLASS_F32 = 0, GLASS_F16 = 1, GLASS_BF16 = 2, GLASS_DTYPE_INT_RANGE_ = 0x7fffffff } glass_dtype;
 
 typedef enum {
   GLASS_ACT_SILU = 0,      /* x * sigmoid(x) */
   GLASS_ACT_GELU_TANH = 1, /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
   GLASS_ACT_GELU = 2,      /* exact: 0.5 x (1 + erf(x / sqrt(2))) */
-  GLASS_ACT_RELU = 3
+  GLASS_ACT_RELU = 3,
+  GLASS_ACT_INT_RANGE_ = 0x7fffffff /* not a value, see above */
 } glass_activation;
 
 typedef enum {
@@ -39,8 +44,9 @@ typedef enum {
   GLASS_ISA_AVX2 = 2,   /* AVX2 + FMA + F16C */
   GLASS_ISA_AVX512 = 3, /* AVX-512 F/BW/VL/DQ (+ BF16 when compiled with it) */
   GLASS_ISA_NEON = 4,   /* AArch64 Advanced SIMD baseline: fp16/bf16 widened to fp32 */
-  GLASS_ISA_NEON_EXT = 5 /* NEON + the widening multiply-adds the CPU has, per dtype: FMLAL
+  GLASS_ISA_NEON_EXT = 5, /* NEON + the widening multiply-adds the CPU has, per dtype: FMLAL
                             (FEAT_FHM) for fp16, BFMLALB/T (FEAT_BF16) for bf16; NEON otherwise */
+  GLASS_ISA_INT_RANGE_ = 0x7fffffff /* not a value, see above */
 } glass_isa;
 
 typedef enum {
