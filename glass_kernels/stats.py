@@ -351,6 +351,7 @@ class GlobalStats:
                 header[k] = json.dumps(v)
             except TypeError as e:
                 raise ValueError(f"meta[{k!r}] is not JSON-serialisable: {e}") from None
+        header["checksum"] = _checksum(tensors, header)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -389,9 +390,12 @@ class GlobalStats:
                 f"{path!r} has GlobalStats format version {version!r}; this glass_kernels reads "
                 f"{FORMAT_VERSION}. Recalibrate."
             )
+        stored = header.get("checksum")
+        if stored is not None and stored != _checksum(tensors, {k: v for k, v in header.items() if k != "checksum"}):
+            raise StatsFileError(f"{path!r} is corrupt: its contents do not match the checksum in its header")
         meta = {}
         for k, v in header.items():
-            if k in ("format", "format_version"):
+            if k in ("format", "format_version", "checksum"):
                 continue
             try:
                 meta[k] = json.loads(v)
@@ -429,6 +433,19 @@ class GlobalStats:
         if model is not None:
             stats.check_model(model)
         return stats
+
+
+def _checksum(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
+    """sha256 over the header's entries and every tensor's name, dtype, shape and bytes (in name
+    order): a flipped byte in the data or the metadata, which safetensors itself cannot notice, is
+    then caught on load. Files written before the checksum existed have none and load as before."""
+    h = hashlib.sha256()
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
 
 
 def _short(xs: Sequence[int]) -> str:

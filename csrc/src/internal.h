@@ -168,7 +168,8 @@ static inline float act_apply(glass_activation act, float g) {
       return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
     case GLASS_ACT_RELU:
     default:
-      return g > 0.0f ? g : 0.0f;
+      // NaN stays NaN, as torch.relu does: g > 0 is false for NaN, and 0 would hide it.
+      return g > 0.0f ? g : (g != g ? g : 0.0f);
   }
 }
 

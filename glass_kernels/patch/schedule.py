@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 from typing import Sequence
 
 import torch
@@ -101,6 +102,12 @@ class GlassState:
         self.counters = {"prompt": 0, "sparse": 0, "dense": 0}
         self._warned: set[str] = set()
         self._backend_tokens: list = []
+        # One sequence's state per patched model: a forward pass in flight and the thread that
+        # started the current sequence are recorded, so that use from a second thread raises
+        # instead of mixing two sequences' neuron sets (see pre_hook).
+        self._forward_lock = threading.Lock()
+        self._forward_thread: int | None = None
+        self._sequence_thread: int | None = None
         self.decode_tuning = None  # tuning.DecodeTuning, set by patch() (None: the core's own)
         self.reset()
 
@@ -133,6 +140,7 @@ class GlassState:
         self.reset()
         self.phase = "prompt"
         self.seq_batch = batch
+        self._sequence_thread = threading.get_ident()
 
     # -- the pre-hook -----------------------------------------------------------------------
     def _arg(self, name: str, args: tuple, kwargs: dict):
@@ -173,6 +181,29 @@ class GlassState:
         return True
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        me = threading.get_ident()
+        if not self._forward_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "glass_kernels: this patched model is running a forward pass in another thread; a patched "
+                "model holds one sequence's state and cannot be used from two threads at once (patch one "
+                "model per thread)"
+            )
+        self._forward_thread = me
+        try:
+            self._classify(args, kwargs, me)
+        except BaseException:
+            self._release_forward()
+            raise
+        self._enter_backend()
+        return None
+
+    def _release_forward(self) -> None:
+        if self._forward_thread == threading.get_ident():
+            self._forward_thread = None
+            self._forward_lock.release()
+
+    def _classify(self, args: tuple, kwargs: dict, me: int) -> None:
+        """Prompt or decode? Sets collect / sparse for this forward (module docstring)."""
         ids = self._arg("input_ids", args, kwargs)
         embeds = self._arg("inputs_embeds", args, kwargs)
         x = ids if ids is not None else embeds
@@ -183,6 +214,11 @@ class GlassState:
             self.generate_forwards += 1
         cache = self._find_cache(args, kwargs)
         cache_len = hf_compat.cache_length(cache)
+        if cache_len > 0 and self._sequence_thread not in (None, me):
+            raise RuntimeError(
+                "glass_kernels: this forward continues a sequence that another thread started on the same "
+                "patched model (two threads cannot share one patched model: patch one model per thread)"
+            )
         if cache_len == 0 or self.prompt_depth > 0:
             if cache_len == 0:
                 misread = self._decode_step_misread(cache, kwargs)
@@ -214,11 +250,11 @@ class GlassState:
             self.collect = False
             self.sparse = self._calls is not None
             self.counters["sparse" if self.sparse else "dense"] += 1
-        self._enter_backend()
-        return None
 
     def post_hook(self, module, args, kwargs, output):
-        self._exit_backend()
+        if self._forward_thread == threading.get_ident():  # not when our own pre_hook refused the call
+            self._exit_backend()
+            self._release_forward()
         return None
 
     def _enter_backend(self) -> None:
@@ -458,6 +494,7 @@ class GlassState:
             out.append(s.to(device=self._device(l), dtype=torch.int32).contiguous())
         self.neurons = out
         self.forced = True
+        self._sequence_thread = None  # forced sets may be decoded from any thread
         if not self.seq_batch:
             self.seq_batch = out[0].shape[0]
         self.phase = "decode"

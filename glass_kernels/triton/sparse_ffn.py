@@ -54,8 +54,8 @@ def _activation(g, ACT: tl.constexpr):
         h = g * tl.sigmoid(2.0 * z)
     elif ACT == 2:  # gelu, exact erf form
         h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    else:  # relu
-        h = tl.maximum(g, 0.0)
+    else:  # relu; NaN stays NaN, as torch.relu does (the GPU's max would return 0)
+        h = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return h
 
 

@@ -1,0 +1,165 @@
+"""Property-based fuzzing of the ops against the fp64 oracle and the pure-torch reference (hypothesis).
+
+Random sizes (d, D, k with k = 1 and k = D drawn often, B, T), dtypes, activations, index sets with
+duplicates, batched or shared sets, non-contiguous and offset views of x, NaN and Inf in x, on every
+backend the machine has (the torch reference and the C++ core on each ISA; the Triton kernels get the
+same fuzzing under the interpreter in tests/triton_kernels/test_triton_fuzz.py). Invalid arguments must
+raise the documented Python error. Bounded: EXAMPLES per property, no deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import glass_kernels
+from glass_kernels import _ext, ops, reference
+from test_ops import native_ffn
+from tolerances import assert_close_derived
+
+EXAMPLES = 150
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ACTS = ["silu", "gelu_tanh", "gelu", "relu"]
+BACKENDS = ["torch"] + [f"cpp:{i}" for i in _ext.supported_isas()]
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@contextlib.contextmanager
+def _backend(name):
+    with contextlib.ExitStack() as stack:
+        if name == "torch":
+            stack.enter_context(glass_kernels.backend("torch"))
+        else:
+            stack.enter_context(glass_kernels.backend("cpp"))
+            stack.enter_context(_ext.isa(name.split(":", 1)[1]))
+        yield
+
+
+@st.composite
+def ffn_problem(draw):
+    d = draw(st.integers(1, 70))
+    D = draw(st.integers(1, 90))
+    k = draw(st.one_of(st.just(1), st.just(D), st.integers(1, D)))
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 4))
+    return dict(
+        d=d, D=D, k=k, B=B, T=T,
+        dtype=draw(st.sampled_from(DTYPES)),
+        act=draw(st.sampled_from(ACTS)),
+        gated=draw(st.booleans()),
+        batched=draw(st.booleans()),
+        duplicates=draw(st.booleans()),
+        view=draw(st.sampled_from(["contiguous", "offset", "strided"])),
+        bias=draw(st.sampled_from(["none", "in", "out", "both"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _make(p, g):
+    d, D, k, B, T, dtype = p["d"], p["D"], p["k"], p["B"], p["T"], p["dtype"]
+    ws = [(torch.randn(D, d, generator=g) / d ** 0.5).to(dtype) for _ in range(3)]
+    base = torch.randn(B, T, 2 * d + 1, generator=g).to(dtype)
+    x = {"contiguous": base[..., :d].contiguous(), "offset": base[..., 1:d + 1],
+         "strided": base[..., 0:2 * d:2]}[p["view"]]
+    shape = (B, k) if p["batched"] else (k,)
+    if p["duplicates"]:
+        idx = torch.randint(0, D, shape, generator=g, dtype=torch.int32)
+    else:
+        rows = [torch.randperm(D, generator=g)[:k].sort().values for _ in range(B if p["batched"] else 1)]
+        idx = (torch.stack(rows) if p["batched"] else rows[0]).to(torch.int32)
+    b_in = torch.randn(D, generator=g).to(dtype) if p["bias"] in ("in", "both") else None
+    b_out = torch.randn(d, generator=g).to(dtype) if p["bias"] in ("out", "both") else None
+    return x, ws, idx, b_in, b_out
+
+
+def _run(p, x, ws, idx, b_in, b_out):
+    if p["gated"]:
+        return ops.sparse_ffn(x, ws[0], ws[1], ws[2], idx, p["act"])
+    return ops.sparse_mlp(x, ws[0], b_in, ws[2], b_out, idx, p["act"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(p=ffn_problem())
+def test_sparse_ops_match_the_oracle(backend, p):
+    g = torch.Generator().manual_seed(p["seed"])
+    x, ws, idx, b_in, b_out = _make(p, g)
+    with _backend(backend):
+        y = _run(p, x, ws, idx, b_in, b_out)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    w3 = ws[1] if p["gated"] else None
+    bi, bo = (None, None) if p["gated"] else (b_in, b_out)
+    oracle = native_ffn(x, ws[0], w3, ws[2], bi, bo, idx, p["act"], torch.float64)
+    same = native_ffn(x, ws[0], w3, ws[2], bi, bo, idx, p["act"], p["dtype"])
+    assert_close_derived(y, oracle, same, f"{backend} {p}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(p=ffn_problem(), special=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+       where=st.integers(0, 10**6))
+def test_nan_and_inf_reach_the_same_outputs(backend, p, special, where):
+    """Non-finite inputs make exactly the outputs the reference makes non-finite, never others."""
+    g = torch.Generator().manual_seed(p["seed"])
+    x, ws, idx, b_in, b_out = _make(p, g)
+    x = x.contiguous()
+    x.view(-1)[where % x.numel()] = special
+    with _backend(backend):
+        y = _run(p, x, ws, idx, b_in, b_out)
+    with glass_kernels.backend("torch"):
+        ref = _run(p, x, ws, idx, b_in, b_out)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), (backend, p, special)
+
+
+@st.composite
+def bad_call(draw):
+    """A valid problem with one thing made wrong, and the error it must raise."""
+    what = draw(st.sampled_from(["idx_high", "idx_negative", "idx_dtype", "w_shape", "w_dtype", "x_dim",
+                                 "idx_rows", "activation", "k_zero"]))
+    return what, draw(st.integers(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(case=bad_call(), p=ffn_problem())
+def test_invalid_arguments_raise_the_documented_error(backend, case, p):
+    what, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x, ws, idx, b_in, b_out = _make(p, g)
+    act = p["act"]
+    expected = ValueError
+    if what == "idx_high":
+        idx = idx.clone()
+        idx.view(-1)[0] = p["D"]
+        expected = IndexError
+    elif what == "idx_negative":
+        idx = idx.clone()
+        idx.view(-1)[-1] = -1
+        expected = IndexError
+    elif what == "idx_dtype":
+        idx = idx.float()
+        expected = TypeError
+    elif what == "w_shape":
+        ws = [ws[0], ws[1], torch.zeros(p["D"], p["d"] + 1, dtype=p["dtype"])]
+    elif what == "w_dtype":
+        other = torch.float32 if p["dtype"] != torch.float32 else torch.float16
+        ws = [ws[0], ws[1], ws[2].to(other)]
+        expected = TypeError
+    elif what == "x_dim":
+        x = x.reshape(-1)
+    elif what == "idx_rows":
+        idx = torch.zeros(p["B"] + 1, 1, dtype=torch.int32)
+    elif what == "activation":
+        act = "swish2"
+    elif what == "k_zero":
+        idx = torch.zeros(0, dtype=torch.int32)
+    p = dict(p, act=act)
+    with _backend(backend), pytest.raises((expected, ValueError, TypeError, IndexError)) as err:
+        _run(p, x, ws, idx, b_in, b_out)
+    assert isinstance(err.value, expected) or what in ("w_shape", "x_dim", "idx_rows", "k_zero"), (what, err.value)
+    assert str(err.value)  # a message that names the problem
