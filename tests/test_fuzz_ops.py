@@ -163,3 +163,69 @@ def test_invalid_arguments_raise_the_documented_error(backend, case, p):
         _run(p, x, ws, idx, b_in, b_out)
     assert isinstance(err.value, expected) or what in ("w_shape", "x_dim", "idx_rows", "k_zero"), (what, err.value)
     assert str(err.value)  # a message that names the problem
+
+
+# -- prompt statistics and selection ---------------------------------------------------------------
+
+@st.composite
+def stats_problem(draw):
+    return dict(B=draw(st.integers(1, 3)), T=draw(st.integers(1, 6)), D=draw(st.integers(1, 90)),
+                dtype=draw(st.sampled_from(DTYPES)), impact=draw(st.booleans()),
+                mask=draw(st.sampled_from(["none", "random", "zero_row"])),
+                zero_token=draw(st.booleans()), view=draw(st.sampled_from(["contiguous", "offset"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(p=stats_problem())
+def test_neuron_stats_match_the_oracle(backend, p):
+    from test_ops import native_stats
+
+    g = torch.Generator().manual_seed(p["seed"])
+    B, T, D = p["B"], p["T"], p["D"]
+    base = torch.randn(B, T, D + 1, generator=g).to(p["dtype"])
+    h = base[..., :D].contiguous() if p["view"] == "contiguous" else base[..., 1:]
+    if p["zero_token"]:
+        h[0, 0] = 0  # a zero token adds nothing
+    norms = torch.rand(D, generator=g) + 0.5 if p["impact"] else None
+    mask = None
+    if p["mask"] != "none":
+        mask = torch.rand(B, T, generator=g) > 0.3
+        if p["mask"] == "zero_row":
+            mask[-1] = False
+    with _backend(backend):
+        s = ops.neuron_stats(h, down_norms=norms, mask=mask)
+    oracle = native_stats(h, norms, mask, torch.float64)
+    same = native_stats(h, norms, mask, p["dtype"])
+    assert_close_derived(s, oracle, same, f"neuron_stats {backend} {p}")
+
+
+@st.composite
+def select_problem(draw):
+    B, D = draw(st.integers(1, 3)), draw(st.integers(1, 120))
+    return dict(B=B, D=D, k=draw(st.one_of(st.just(1), st.just(D), st.integers(1, D))),
+                lam=draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0, 1 / 3]), st.floats(0.0, 1.0))),
+                ties=draw(st.sampled_from(["none", "local", "global", "both"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(p=select_problem())
+def test_select_neurons_matches_the_definition(backend, p):
+    from test_ops import brute_select
+
+    g = torch.Generator().manual_seed(p["seed"])
+    B, D, k = p["B"], p["D"], p["k"]
+    local = torch.randn(B, D, generator=g)
+    if p["ties"] in ("local", "both"):  # few levels, signed zeros included
+        levels = torch.tensor([-1.0, -0.0, 0.0, 0.5, 2.0])
+        local = levels[torch.randint(0, 5, (B, D), generator=g)]
+    grank = torch.randperm(D, generator=g) + 1
+    if p["ties"] in ("global", "both"):  # ranks with ties (any values in [1, D])
+        grank = torch.randint(1, D + 1, (D,), generator=g)
+    with _backend(backend):
+        got = ops.select_neurons(local, grank.to(torch.int32), p["lam"], k)
+    for b in range(B):
+        assert got[b].tolist() == brute_select(local[b], grank, p["lam"], k), (backend, p, b)
