@@ -35,11 +35,10 @@ seq_len=128``) are what the tests and a quick demo use.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -153,11 +152,9 @@ def _nps_prompt(tokenizer, prompt: str) -> list[int]:
             raise ValueError("prompt='chat' needs a tokenizer with a chat template; use prompt='bos'")
         # transformers refuses a conversation without messages, so the "empty chat" is one user turn
         # with empty content, then the assistant's generation prompt.
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
-        ids = ids["input_ids"]
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
+        from .models import prompt_ids
+
+        ids = prompt_ids(tokenizer, "", chat=True)
         if not ids:
             raise ValueError("the empty chat prompt of this tokenizer is empty; use prompt='bos'")
         return [int(t) for t in ids]

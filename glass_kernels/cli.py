@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -38,7 +37,7 @@ from typing import Callable
 import torch
 
 from .hf_compat import cache_kwargs, output_cache
-from .machine import cpu_name, software_versions
+from .machine import describe_machine
 
 __all__ = ["main", "build_parser", "stats_cache_path", "DEFAULT_PROMPTS"]
 
@@ -83,11 +82,12 @@ def _kernel_info() -> str:
 
 
 def machine_info(dtype: torch.dtype) -> str:
-    v = software_versions()
+    """The header line of the CLI's reports, from machine.describe_machine()."""
+    m = describe_machine()
     return (
-        f"machine: {cpu_name()} | {os.cpu_count()} logical CPUs | torch {v['torch']}, "
-        f"{torch.get_num_threads()} threads | transformers {v['transformers']} | "
-        f"glass_kernels {v['glass_kernels']} ({v['glass_kernels_commit'][:12]}) | "
+        f"machine: {m['cpu']} | {m['cpu_count']} logical CPUs | torch {m['torch']}, "
+        f"{m['torch_threads']} threads | transformers {m['transformers']} | "
+        f"glass_kernels {m['glass_kernels']} ({m['glass_kernels_commit'][:12]}) | "
         f"dtype {str(dtype).replace('torch.', '')} | kernels: {_kernel_info()}"
     )
 
@@ -143,11 +143,9 @@ def _cached_or_calibrated_stats(model, tok, name: str, *, num_sequences=None, se
 
 
 def _encode(tok, text: str, chat: bool) -> torch.Tensor:
-    if chat:
-        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        return enc["input_ids"]
-    return tok(text, return_tensors="pt")["input_ids"]
+    from .models import prompt_ids
+
+    return torch.tensor([prompt_ids(tok, text, chat)], dtype=torch.long)
 
 
 def _use_chat(tok, flag: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -58,3 +59,24 @@ def software_versions() -> dict[str, str]:
         "glass_kernels": _package_version("glass_kernels"),
         "glass_kernels_commit": git_commit(),
     }
+
+
+def describe_machine() -> dict:
+    """Everything a report records about where it ran: CPU, cores, platform, torch threads, the C++
+    core's ISA path, and software_versions(). One definition for the CLI, the evaluation and the
+    benchmarks."""
+    import torch
+
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    info.update(software_versions())
+    try:
+        from . import _ext
+
+        info["glass_ext"] = bool(_ext.available())
+        if _ext.available():
+            info["glass_isa"] = _ext.get_isa()
+            info["glass_isas"] = ",".join(_ext.supported_isas())
+    except Exception as e:  # report, never fail a run for machine info
+        info["glass_ext"] = f"unavailable ({type(e).__name__})"
+    return info

@@ -284,3 +284,19 @@ def is_chat_model(name_or_tokenizer) -> bool:
     if isinstance(name_or_tokenizer, str):
         return _resolve(name_or_tokenizer).chat
     return getattr(name_or_tokenizer, "chat_template", None) is not None
+
+
+def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """``text`` as token ids: one user turn of the chat template with the assistant's generation
+    prompt (``chat``), else the plain text. The one place prompts are encoded (CLI, evaluation and
+    the "empty chat" calibration prompt), whatever container the tokenizer returns."""
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(text)["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(i) for i in ids]

@@ -275,6 +275,8 @@ def _ptr(t: Tensor | None) -> int:
 
 def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
                     activation: str) -> Tensor:
+    """The one call of _C.sparse_ffn (the op's CPU kernel and the prevalidated decode path both use it);
+    every operand has been validated: contiguous, int32 idx, shapes and dtypes agreeing."""
     C = _ext._C
     _ext.sync_threads(C)
     y = torch.empty_like(x)
@@ -291,6 +293,7 @@ def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, i
 
 def _cpp_sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_out: Tensor | None,
                     idx: Tensor, activation: str) -> Tensor:
+    """The one call of _C.sparse_mlp (see _cpp_sparse_ffn)."""
     C = _ext._C
     _ext.sync_threads(C)
     y = torch.empty_like(x)
@@ -609,15 +612,8 @@ def sparse_ffn_prevalidated(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: T
     attribute reads). Eager CPU with the extension: calls ``_C`` directly; otherwise the op.
     """
     if _fast_cpp_ok(x):
-        B, T = _x_fast(x, w_gate, idx)
-        C = _ext._C
-        _ext.sync_threads(C)
-        y = torch.empty_like(x)
-        if B * T:
-            C.sparse_ffn(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, x.shape[-1], w_gate.data_ptr(),
-                         w_up.data_ptr(), w_down_t.data_ptr(), w_gate.shape[0], idx.data_ptr(), idx.shape[-1],
-                         idx.dim() == 2, y.data_ptr())
-        return y
+        _x_fast(x, w_gate, idx)
+        return _cpp_sparse_ffn(x, w_gate, w_up, w_down_t, idx, activation)
     return torch.ops.glass.sparse_ffn(x.contiguous(), w_gate, w_up, w_down_t, idx, activation)
 
 
@@ -625,13 +621,6 @@ def sparse_mlp_prevalidated(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_
                             idx: Tensor, activation: str) -> Tensor:
     """``sparse_mlp`` for operands already checked by ``validate_sparse_mlp_operands`` (see above)."""
     if _fast_cpp_ok(x):
-        B, T = _x_fast(x, w_in, idx)
-        C = _ext._C
-        _ext.sync_threads(C)
-        y = torch.empty_like(x)
-        if B * T:
-            C.sparse_mlp(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, x.shape[-1], w_in.data_ptr(),
-                         _ptr(b_in), w_out_t.data_ptr(), _ptr(b_out), w_in.shape[0], idx.data_ptr(),
-                         idx.shape[-1], idx.dim() == 2, y.data_ptr())
-        return y
+        _x_fast(x, w_in, idx)
+        return _cpp_sparse_mlp(x, w_in, b_in, w_out_t, b_out, idx, activation)
     return torch.ops.glass.sparse_mlp(x.contiguous(), w_in, b_in, w_out_t, b_out, idx, activation)

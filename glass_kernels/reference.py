@@ -139,9 +139,4 @@ def select_neurons(local: torch.Tensor, global_rank: torch.Tensor, lam: float, k
     return idx[0] if squeeze else idx
 
 
-def dense_ffn_fp64(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                   idx: torch.Tensor, activation: str) -> torch.Tensor:
-    """fp64 oracle of sparse_ffn (tests): same formula, every step in float64, result float64."""
-    return sparse_ffn(x.double(), w_gate.double(), w_up.double(), w_down_t.double(), idx, activation)
-
 

@@ -45,13 +45,34 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// The core's message is thread-local: read it on the thread that ran the kernel (this one).
+// The one mapping of a core status to a Python exception: an index out of range -> IndexError, an
+// internal failure (allocation) -> RuntimeError, every other invalid argument -> ValueError.
+void raise_for(glass_status st, const std::string& msg) {
+  switch (st) {
+    case GLASS_OK: return;
+    case GLASS_ERR_INDEX: throw py::index_error(msg);
+    case GLASS_ERR_INTERNAL: throw std::runtime_error(msg);
+    default: throw py::value_error(msg);
+  }
+}
+
+// A control call (no GIL release): the core's thread-local message is read on this thread.
 void check(glass_status st) {
-  if (st == GLASS_OK) return;
-  std::string msg = glass_last_error();
-  if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
-  if (st == GLASS_ERR_INTERNAL) throw std::runtime_error(msg);
-  throw py::value_error(msg);
+  if (st != GLASS_OK) raise_for(st, glass_last_error());
+}
+
+// A kernel call with the GIL released; the message is read on the thread that ran it, before the
+// GIL is taken back (another thread's call cannot overwrite a thread-local message).
+template <class F>
+void run_released(F&& kernel) {
+  glass_status st;
+  std::string msg;
+  {
+    py::gil_scoped_release nogil;
+    st = kernel();
+    if (st != GLASS_OK) msg = glass_last_error();
+  }
+  raise_for(st, msg);
 }
 
 }  // namespace
@@ -66,17 +87,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t k, bool idx_batched, uintptr_t y) {
         const glass_dtype dt = parse_dtype(dtype);
         const glass_activation a = parse_act(act);
-        glass_status st;
-        std::string msg;
-        {
-          py::gil_scoped_release nogil;
-          st = glass_sparse_ffn(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_gate),
-                                ptr<const void>(w_up), ptr<const void>(w_down_t), D,
-                                ptr<const int32_t>(idx), k, idx_batched ? 1 : 0, ptr<void>(y));
-          if (st != GLASS_OK) msg = glass_last_error();
-        }
-        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
-        if (st != GLASS_OK) throw py::value_error(msg);
+        run_released([&] {
+          return glass_sparse_ffn(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_gate),
+                                  ptr<const void>(w_up), ptr<const void>(w_down_t), D,
+                                  ptr<const int32_t>(idx), k, idx_batched ? 1 : 0, ptr<void>(y));
+        });
       },
       py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
       py::arg("d"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down_t"), py::arg("D"),
@@ -90,18 +105,12 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t idx, int64_t k, bool idx_batched, uintptr_t y) {
         const glass_dtype dt = parse_dtype(dtype);
         const glass_activation a = parse_act(act);
-        glass_status st;
-        std::string msg;
-        {
-          py::gil_scoped_release nogil;
-          st = glass_sparse_mlp(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_in),
-                                ptr<const void>(b_in), ptr<const void>(w_out_t),
-                                ptr<const void>(b_out), D, ptr<const int32_t>(idx), k,
-                                idx_batched ? 1 : 0, ptr<void>(y));
-          if (st != GLASS_OK) msg = glass_last_error();
-        }
-        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
-        if (st != GLASS_OK) throw py::value_error(msg);
+        run_released([&] {
+          return glass_sparse_mlp(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_in),
+                                  ptr<const void>(b_in), ptr<const void>(w_out_t),
+                                  ptr<const void>(b_out), D, ptr<const int32_t>(idx), k,
+                                  idx_batched ? 1 : 0, ptr<void>(y));
+        });
       },
       py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
       py::arg("d"), py::arg("w_in"), py::arg("b_in"), py::arg("w_out_t"), py::arg("b_out"),
@@ -113,16 +122,10 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, uintptr_t h, int64_t B, int64_t T, int64_t D,
          uintptr_t down_norms, uintptr_t mask, uintptr_t out) {
         const glass_dtype dt = parse_dtype(dtype);
-        glass_status st;
-        std::string msg;
-        {
-          py::gil_scoped_release nogil;
-          st = glass_neuron_stats(dt, ptr<const void>(h), B, T, D, ptr<const float>(down_norms),
-                                  ptr<const uint8_t>(mask), ptr<float>(out));
-          if (st != GLASS_OK) msg = glass_last_error();
-        }
-        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
-        if (st != GLASS_OK) throw py::value_error(msg);
+        run_released([&] {
+          return glass_neuron_stats(dt, ptr<const void>(h), B, T, D, ptr<const float>(down_norms),
+                                    ptr<const uint8_t>(mask), ptr<float>(out));
+        });
       },
       py::arg("dtype"), py::arg("h"), py::arg("B"), py::arg("T"), py::arg("D"),
       py::arg("down_norms"), py::arg("mask"), py::arg("out"),
@@ -132,16 +135,10 @@ PYBIND11_MODULE(_C, m) {
       "select_neurons",
       [](uintptr_t local, int64_t B, int64_t D, uintptr_t global_rank, double lam, int64_t k,
          uintptr_t out) {
-        glass_status st;
-        std::string msg;
-        {
-          py::gil_scoped_release nogil;
-          st = glass_select_neurons(ptr<const float>(local), B, D, ptr<const int32_t>(global_rank),
-                                    lam, k, ptr<int32_t>(out));
-          if (st != GLASS_OK) msg = glass_last_error();
-        }
-        if (st == GLASS_ERR_INDEX) throw py::index_error(msg);
-        if (st != GLASS_OK) throw py::value_error(msg);
+        run_released([&] {
+          return glass_select_neurons(ptr<const float>(local), B, D, ptr<const int32_t>(global_rank),
+                                      lam, k, ptr<int32_t>(out));
+        });
       },
       py::arg("local"), py::arg("B"), py::arg("D"), py::arg("global_rank"), py::arg("lam"),
       py::arg("k"), py::arg("out"),

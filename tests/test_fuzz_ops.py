@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import glass_kernels
-from glass_kernels import _ext, ops, reference
+from glass_kernels import _ext, ops
 from test_ops import native_ffn
 from tolerances import assert_close_derived
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import tiny_models as tm
-from glass_kernels import hf_compat
 from glass_kernels.patch import patch, session, unpatch
 from glass_kernels.stats import GlobalStats, StatsFileError, StatsMismatchError
 

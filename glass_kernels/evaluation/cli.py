@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["add_eval_arguments", "run_eval", "add_bench_arguments", "run_bench"]
 
-MODELS = ("smollm2", "gemma3-270m")
+EVAL_MODELS = ("smollm2", "gemma3-270m")  # the real models the evaluation runs by default (models.MODELS: every loadable one)
 
 
 def _keeps(v: str) -> tuple:
@@ -45,8 +45,8 @@ def _pos(v: str) -> int:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated model names (default: {','.join(MODELS)})")
+    p.add_argument("--models", default=",".join(EVAL_MODELS),
+                   help=f"comma-separated model names (default: {','.join(EVAL_MODELS)})")
     p.add_argument("--quick", action="store_true",
                    help="a few prompts, short continuations, keep 0.5 only (a few minutes on 2 cores)")
     p.add_argument("--keeps", type=_keeps, default=None, help="keep fractions (default 0.5,0.4,0.3,0.2)")

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,7 +36,6 @@ from typing import Callable, Sequence
 import torch
 
 from ..hf_compat import cache_kwargs, output_cache
-from ..machine import cpu_name, software_versions
 from .metrics import TokenScores, jaccard_layers, kl_per_token, nll_per_token, top1_agree
 
 logger = logging.getLogger(__name__)
@@ -117,20 +115,9 @@ def heldout_configs(keeps: Sequence[float], lam_a: float, lam_i: float) -> list[
 # --------------------------------------------------------------------------------------------------
 
 def encode_prompts(tok, texts: Sequence[str], chat: bool) -> list[list[int]]:
-    out = []
-    for t in texts:
-        if chat:
-            enc = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                          return_dict=True)
-            ids = enc["input_ids"]
-        else:
-            ids = tok(t)["input_ids"]
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        out.append([int(i) for i in ids])
-    return out
+    from ..models import prompt_ids
+
+    return [prompt_ids(tok, t, chat) for t in texts]
 
 
 def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +416,7 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
 
     ``checkpoint(res)`` is called after each part with the results so far (partial reports).
     """
-    from ..models import is_chat_model, load_model
+    from ..models import load_model
     from ..stats import model_signature
     from .data import load_prompts
 
@@ -551,16 +538,6 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    info["cpu"] = cpu_name()
-    info.update(software_versions())
-    try:
-        from .. import _ext
+    from ..machine import describe_machine
 
-        if _ext.available():
-            info["glass_isa"] = _ext.get_isa()
-        info["glass_ext"] = bool(_ext.available())
-    except Exception as e:  # report, never fail the run for machine info
-        info["glass_ext"] = f"unavailable ({type(e).__name__})"
-    return info
+    return describe_machine()

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 METHODS = ("a-glass", "i-glass", "griffin", "global", "random", "dense")
-BACKENDS = ("auto", "cpp", "triton", "torch")
+from ..backend import BACKENDS
 STRATEGIES = ("gather", "compact", "auto")
 
 # Methods whose selection needs the offline global statistics (GlobalStats).
@@ -14,18 +14,9 @@ NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
 # Methods whose selection uses the prompt's local statistic.
 NEEDS_LOCAL = frozenset({"a-glass", "i-glass", "griffin"})
 
-# Project default for lambda (docs/method.md, "Aggregation"). Chosen on the
-# TUNE split of the prompt set (never the held-out one): 24 prompts, 256-token continuations,
-# 64 x 256-token NPS statistics, keep 0.5, mean KL(dense || sparse):
-#   lam               0      0.25   0.5    0.625  0.75   0.875  1
-#   SmolLM2 A-GLASS   1.977  1.659  1.316  1.286  1.286  1.304  1.295
-#   SmolLM2 I-GLASS   2.140  1.829  1.407  1.409  1.426  1.412  1.399
-#   Gemma3  A-GLASS   0.288  0.200  0.147  0.123  0.121  0.128  0.133
-#   Gemma3  I-GLASS   0.382  0.267  0.164  0.145  0.148  0.153  0.157
-# 0.75 is A-GLASS's best on Gemma and ties 0.625 on SmolLM2 (0.07% apart); I-GLASS is within 2.1%
-# of its best on both. (A first sweep with weaker statistics had favoured 0.5; stronger statistics
-# move the optimum towards the prior.)
-# See the README's Quality section and reports/eval/*/report.md.
+# Project default for lambda (docs/method.md, "Aggregation"): the best (Gemma-3-270M) or tied best
+# (SmolLM2) A-GLASS lambda of the sweep on the TUNE split of the prompt set, never the held-out one.
+# The sweep's table and how to rerun it: README, "Default λ"; reports/eval/*/report.md.
 DEFAULT_LAMBDA = 0.75
 
 

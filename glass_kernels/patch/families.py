@@ -7,7 +7,6 @@ original computes, with h exposed for the local statistics.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .registry import (

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import hf_compat
-from .config import NEEDS_GLOBAL, NEEDS_LOCAL, GlassConfig
+from .config import NEEDS_GLOBAL, GlassConfig
 from .registry import FFNSite
 
 logger = logging.getLogger("glass_kernels.patch")

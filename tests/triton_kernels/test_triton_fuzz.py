@@ -3,7 +3,6 @@ does for the other backends: random odd sizes, k = 1 / k = D, batched or shared 
 duplicates, dtypes, activations, NaN / Inf in x. Few examples: each interpreted launch costs tens of
 milliseconds on CPU (on a GPU the same file runs compiled)."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
