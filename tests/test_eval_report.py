@@ -152,3 +152,13 @@ def test_bench_speedup_uses_the_paired_dense_runs_when_recorded():
     doc["benchmarks"][2]["extra_info"]["dense_paired_median_s"] = 1.2  # dense drifted slower during this case
     r = BR.e2e_rows(doc)["m"]["decode"][0.5]
     assert r["speedup"] == pytest.approx(1.5)  # 1.2 / 0.8, not the dense row's 1.0 / 0.8
+
+
+def test_reports_without_matplotlib_write_tables_and_say_so(tmp_path, monkeypatch, caplog):
+    """`pip install glass_kernels[hf]` has no matplotlib: eval and bench still write their tables."""
+    monkeypatch.setattr(REP, "plotting_available", lambda: False)
+    res = fake_results()
+    with caplog.at_level("WARNING"):
+        paths = REP.write_report(res, tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md"]
+    assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)

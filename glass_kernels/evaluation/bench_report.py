@@ -284,7 +284,12 @@ def write_bench_report(json_path: str | os.PathLike, out_dir: Path, compare: str
     md = out_dir / "report.md"
     md.write_text(markdown(doc, comparison, str(prev_path) if prev_path else None), encoding="utf-8")
     paths.append(md)
-    p = plot_speedup(doc, out_dir / "speedup_vs_keep.png")
+    from .report import plotting_available
+
+    p = plot_speedup(doc, out_dir / "speedup_vs_keep.png") if plotting_available() else None
+    if not plotting_available():
+        logger.warning("glass_kernels: report written without its plot: matplotlib is not installed "
+                       "(pip install 'glass_kernels[plot]')")
     if p:
         paths.append(p)
     return paths

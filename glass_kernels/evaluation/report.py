@@ -352,5 +352,16 @@ def write_report(res: dict, out_dir: Path, command: str | None = None) -> list[P
     md = out_dir / "report.md"
     md.write_text(markdown_report(res, command), encoding="utf-8")
     paths.append(md)
-    paths += make_plots(res, out_dir)
+    if plotting_available():
+        paths += make_plots(res, out_dir)
+    else:
+        logger.warning("glass_kernels: tables written, no plots: matplotlib is not installed "
+                       "(pip install 'glass_kernels[plot]')")
     return paths
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed; without it reports have tables only."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
