@@ -156,7 +156,7 @@ def test_stats_calibrate_now():
     model = tm.build("gpt2")
     opts = dict(num_sequences=4, seq_len=24, batch_size=4, progress=False)
     patch(model, stats="calibrate", tokenizer=_Tok(), calibrate_options=opts, method="a-glass")
-    got = session(model)._state.global_ranks
+    got = session(model)._state.selection.global_ranks
     unpatch(model)
     want = calibrate(model, _Tok(), **opts).ranks("activation")
     assert all(torch.equal(a, b) for a, b in zip(got, want))

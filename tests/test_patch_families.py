@@ -160,7 +160,7 @@ def test_weights_not_doubled(family):
     st = glass[0].state
     st.select()
     relaid = 0
-    for site, (fn, operands, idx, act) in zip(st.sites, st._calls):
+    for site, (fn, operands, idx, act) in zip(st.sites, st.plan.calls):
         for t in operands:
             if t is None:
                 continue

@@ -96,25 +96,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         stats.check_model(model)
 
     state = GlassState(model, sites, config, stats)
-    relaid = []
-    installed = []
-    try:
-        for site in sites:
-            relaid.append(site.handler.relayout(site.module))
-            glass = GlassFFN(site, state)
-            parent_name, attr = site.parent_and_attr
-            parent = model.get_submodule(parent_name) if parent_name else model
-            site.handler.install(parent, attr, site.module, glass)
-            installed.append((site, parent, attr, glass))
-    except Exception:
-        for site, parent, attr, glass in reversed(installed):
-            site.handler.uninstall(parent, attr, site.module, glass)
-        from .registry import restore_row_major
-
-        for ps in relaid:
-            for p in ps:
-                restore_row_major(p)
-        raise
+    installed, relaid = _install(model, sites, state)
     # After the relayout: the measurement reads the neuron-major rows the decode path will read.
     from .. import tuning
 
@@ -129,6 +111,30 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
     logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)
     return model
+
+
+def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
+    """Give each site's weights the neuron-major layout and put a GlassFFN in its place; all or
+    nothing (a failure restores what was done). Returns (installed sites, relaid parameters)."""
+    from .registry import restore_row_major
+
+    relaid, installed = [], []
+    try:
+        for site in sites:
+            relaid.append(site.handler.relayout(site.module))
+            glass = GlassFFN(site, state)
+            parent_name, attr = site.parent_and_attr
+            parent = model.get_submodule(parent_name) if parent_name else model
+            site.handler.install(parent, attr, site.module, glass)
+            installed.append((site, parent, attr, glass))
+    except Exception:
+        for site, parent, attr, glass in reversed(installed):
+            site.handler.uninstall(parent, attr, site.module, glass)
+        for ps in relaid:
+            for p in ps:
+                restore_row_major(p)
+        raise
+    return installed, relaid
 
 
 def _wrap_generate(model: nn.Module, state: GlassState) -> None:

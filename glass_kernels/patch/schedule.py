@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from .. import hf_compat
-from .config import NEEDS_GLOBAL, GlassConfig
+from .config import GlassConfig
+from .plan import DecodePlan
 from .registry import FFNSite
+from .selection import make_selection
 
 logger = logging.getLogger("glass_kernels.patch")
 
@@ -52,26 +54,15 @@ def _ops():
     return ops
 
 
-def _compact_copy(operands: tuple, idx: torch.Tensor, kind: str) -> tuple[tuple, torch.Tensor]:
-    """The selected neurons' rows copied into contiguous buffers, and the indices that read them all.
-
-    Reading the copy with idx = 0..k-1 runs the same kernel over the same rows in the same order, so
-    the result is bitwise that of reading them in place; only the memory access pattern differs."""
-    rows = idx.long()
-    every = torch.arange(idx.numel(), dtype=torch.int32, device=idx.device)
-    if kind == "gated":
-        return tuple(w.index_select(0, rows) for w in operands), every
-    w_in, b_in, w_out_t, b_out = operands
-    return (w_in.index_select(0, rows), None if b_in is None else b_in.index_select(0, rows),
-            w_out_t.index_select(0, rows), b_out), every
-
-
 class GlassState:
-    """Everything a patched model keeps between forwards (shared by all its GlassFFN modules).
+    """Everything a patched model keeps between forwards (shared by all its GlassFFN modules): which
+    phase the current sequence is in (from what each forward receives), its local statistics and
+    row groups, and its neuron sets. Choosing the sets is ``selection`` (selection.py); the decode
+    calls for them are a ``DecodePlan`` (plan.py).
 
-    Memory: per layer, fp32 down_norms [D] (i-glass) and int32 global ranks [D] (a-/i-glass);
-    per prompt, fp32 local statistics [B, D] and int32 neuron sets [B, k]. See
-    ``memory_overhead()``.
+    Memory: per layer, fp32 down_norms [D] (i-glass) and the selection's buffers (int32 global
+    ranks [D]); per prompt, fp32 local statistics [B, D], int32 neuron sets [B, k] and, with
+    strategy "compact", the copied rows. See ``memory_overhead()``.
     """
 
     _INPUT_NAMES = ("input_ids", "attention_mask", "inputs_embeds")
@@ -82,16 +73,11 @@ class GlassState:
         self.n = len(sites)
         self.k = [config.k_for(s.D) for s in sites]
         self.impact = config.local_kind == "impact"
-        # The global ranks and down norms live with the weights (moved lazily if the model moves).
-        self.global_ranks: list[torch.Tensor] | None = None
-        if config.method in NEEDS_GLOBAL:
-            kind = "impact" if config.method == "i-glass" else "activation"
-            self.global_ranks = [r.to(torch.int32).contiguous() for r in stats.ranks(kind)]
+        self.selection = make_selection(config, sites, self.k, stats)
+        # The down norms live with the weights (moved lazily if the model moves).
         self.down_norms: list[torch.Tensor] | None = None
         if self.impact:
             self.down_norms = [self._down_norm(s) for s in sites]
-        self._fixed: dict[int, torch.Tensor] = {}  # "global" / "random" sets per layer, [1, k]
-        self._identity_rank: dict[tuple, torch.Tensor] = {}
         params = list(inspect.signature(model.forward).parameters)
         self._pos = {n: params.index(n) for n in self._INPUT_NAMES if n in params}
         cache_name = hf_compat.cache_arg_name(model.forward)
@@ -129,8 +115,7 @@ class GlassState:
         self.groups: torch.Tensor | None = None  # int64 [B]: rows with identical prompts
         self.neurons: list[torch.Tensor] | None = None  # int32 [B or 1, k] per layer
         self.forced = False
-        self._calls: list | None = None  # per layer (fn, operands, idx, activation)
-        self.strategy_used: str | None = None  # "gather" | "compact" for the current sets
+        self.plan: DecodePlan | None = None  # the decode calls for the current sets
 
     def _down_norm(self, site: FFNSite) -> torch.Tensor:
         w = site.handler.down_weight(site.module).detach()  # [d, D] logical
@@ -236,7 +221,7 @@ class GlassState:
                     self.phase = "prompt"
                     self.neurons = None
                     self.forced = False
-                    self._calls = None
+                    self.plan = None
             self.batch = B
             self.mask = self._token_mask(self._arg("attention_mask", args, kwargs), B, T)
             self._update_groups(ids, embeds, self.mask)
@@ -248,7 +233,7 @@ class GlassState:
             self._check_batch(B)
             self.batch = B
             self.collect = False
-            self.sparse = self._calls is not None
+            self.sparse = self.plan is not None
             self.counters["sparse" if self.sparse else "dense"] += 1
 
     def post_hook(self, module, args, kwargs, output):
@@ -346,108 +331,54 @@ class GlassState:
         _ops().neuron_stats(h3, down_norms=norms, mask=mask, out=out)
 
     # -- selection ----------------------------------------------------------------------------
-    def _fixed_set(self, layer: int, device: torch.device) -> torch.Tensor:
-        s = self._fixed.get(layer)
-        if s is None:
-            site, k = self.sites[layer], self.k[layer]
-            if self.config.method == "random":
-                g = torch.Generator().manual_seed(self.config.seed + layer)
-                s = torch.randperm(site.D, generator=g)[:k].sort().values.to(torch.int32)
-            else:  # "global": lam = 1, local scores irrelevant (all equal)
-                zeros = torch.zeros(1, site.D, dtype=torch.float32)
-                s = _ops().select_neurons(zeros, self.global_ranks[layer].cpu(), 1.0, k)
-            self._fixed[layer] = s = s.reshape(1, k).contiguous()
-        return s.to(device)
-
-    def _rank_for(self, layer: int, device) -> torch.Tensor:
-        if self.global_ranks is not None:
-            r = self.global_ranks[layer]
-            if r.device != device:
-                r = self.global_ranks[layer] = r.to(device)
-            return r
-        # griffin: lam = 0, the global rank has weight 0; any permutation gives the same result.
-        key = (self.sites[layer].D, str(device))
-        r = self._identity_rank.get(key)
-        if r is None:
-            r = self._identity_rank[key] = torch.arange(1, key[0] + 1, dtype=torch.int32, device=device)
-        return r
-
     def select(self) -> None:
         """Fix each sequence's neurons (once per prompt) and prepare the decode calls."""
-        method = self.config.method
-        if self.forced:
-            pass
-        elif method == "dense":
-            self.neurons = None
-        elif method in ("global", "random"):
-            self.neurons = [self._fixed_set(l, self._device(l)) for l in range(self.n)]
-        else:
-            if self.phase == "idle" or any(t is None for t in self.local):
-                raise RuntimeError(
-                    f"glass_kernels: method {method!r} needs the prompt's statistics, but no prompt "
-                    "went through the patched model for the current sequence (its KV cache was filled "
-                    "elsewhere). Run the prompt through the patched model, or force the sets with "
-                    "glass_kernels.session(model).set_neurons(...)."
-                )
-            groups = self.groups
-            reps = None
-            if groups is not None and groups.numel() > 1:
-                G = int(groups.max()) + 1
-                if G < groups.numel():
-                    # the first row of each group represents it
-                    first = torch.full((G,), groups.numel(), dtype=torch.long)
-                    first.scatter_reduce_(0, groups, torch.arange(groups.numel()), reduce="amin")
-                    reps = first
-            lam = self.config.effective_lam
-            out = []
-            for l in range(self.n):
-                local = self.local[l]
-                dev = local.device
-                if reps is not None:
-                    local = local.index_select(0, reps.to(dev))
-                idx = _ops().select_neurons(local, self._rank_for(l, dev), lam, self.k[l])
-                if reps is not None:
-                    idx = idx.index_select(0, groups.to(dev))
-                out.append(idx.to(torch.int32).contiguous())
-            self.neurons = out
+        if not self.forced:
+            local = None
+            if self.selection.needs_local:
+                if self.phase == "idle" or any(t is None for t in self.local):
+                    raise RuntimeError(
+                        f"glass_kernels: method {self.config.method!r} needs the prompt's statistics, but no "
+                        "prompt went through the patched model for the current sequence (its KV cache was "
+                        "filled elsewhere). Run the prompt through the patched model, or force the sets with "
+                        "glass_kernels.session(model).set_neurons(...)."
+                    )
+                local = self.local
+            reps = self._group_representatives()
+            if reps is not None:  # rows expanded from one prompt share the set of its first row
+                local = [t.index_select(0, reps.to(t.device)) for t in local]
+            sets = self.selection.choose(local, self._device)
+            if sets is not None and reps is not None:
+                sets = [t.index_select(0, self.groups.to(t.device)).contiguous() for t in sets]
+            self.neurons = sets
         self.phase = "decode"
         self._prepare()
+
+    def _group_representatives(self) -> torch.Tensor | None:
+        """The first row of each group of identical prompts, when some rows share a group."""
+        groups = self.groups
+        if not self.selection.needs_local or groups is None or groups.numel() <= 1:
+            return None
+        G = int(groups.max()) + 1
+        if G == groups.numel():
+            return None
+        first = torch.full((G,), groups.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, groups, torch.arange(groups.numel()), reduce="amin")
+        return first
 
     def _device(self, layer: int) -> torch.device:
         return self.sites[layer].handler.in_weight(self.sites[layer].module).device
 
     def _prepare(self) -> None:
-        """Validate every layer's operands once; the decode path then calls the unchecked op."""
+        """The decode plan for the current sets (None: dense decoding)."""
         if self.neurons is None:
-            self._calls = None
+            self.plan = None
             return
         if self.decode_tuning is not None and self.decode_tuning.source in ("measured", "cached"):
             from .. import tuning
 
             tuning.apply(self.decode_tuning)  # per sequence, in case another patched model changed it
-        ops = _ops()
-        calls = []
-        compact = self._use_compact()
-        self.strategy_used = "compact" if compact else "gather"
-        for l, site in enumerate(self.sites):
-            h = site.handler
-            operands = tuple(h.weights(site.module))
-            idx = self.neurons[l]
-            if idx.shape[0] == 1:
-                idx = idx[0]  # one set shared by every row (any batch size)
-            idx = idx.to(operands[0].device).contiguous()
-            if compact:
-                operands, idx = _compact_copy(operands, idx, h.kind)
-            # validate_* check every operand and the idx range once, and return the int32
-            # contiguous idx that the prevalidated (per-token) functions require.
-            if h.kind == "gated":
-                idx = ops.validate_sparse_ffn_operands(*operands, idx, h.activation)
-                fn = ops.sparse_ffn_prevalidated
-            else:
-                idx = ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
-                fn = ops.sparse_mlp_prevalidated
-            calls.append((fn, operands, idx, h.activation))
-        self._calls = calls
+        self.plan = DecodePlan(self.sites, self.neurons, self._use_compact())
 
     def _use_compact(self) -> bool:
         """Whether this prompt's sets are read from a compacted copy (GlassConfig.strategy)."""
@@ -466,11 +397,7 @@ class GlassState:
         return bool(t is not None and t.compact_faster)
 
     def sparse_forward(self, layer: int, x: torch.Tensor, flattens: bool) -> torch.Tensor:
-        fn, operands, idx, act = self._calls[layer]
-        if flattens:  # OPT hands the FFN [B*T, d]
-            y = fn(x.reshape(self.batch, -1, x.shape[-1]).contiguous(), *operands, idx, act)
-            return y.view(x.shape)
-        return fn(x.contiguous(), *operands, idx, act)  # no copy when already contiguous
+        return self.plan.forward(layer, x, self.batch, flattens)
 
     # -- explicit sets --------------------------------------------------------------------------
     def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
@@ -505,15 +432,11 @@ class GlassState:
         def nbytes(ts):
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-        out = {
-            "global_ranks": nbytes(self.global_ranks or []),
-            "down_norms": nbytes(self.down_norms or []),
-            "fixed_sets": nbytes(self._fixed.values()),
-            "local_stats": nbytes(self.local),
-            "neuron_sets": nbytes(self.neurons or []),
-            "compact_copies": sum(nbytes(ops[:3]) for _, ops, _, _ in self._calls or []
-                                  if self.strategy_used == "compact"),
-        }
+        out = {"global_ranks": 0, "fixed_sets": 0, **self.selection.nbytes(),
+               "down_norms": nbytes(self.down_norms or []),
+               "local_stats": nbytes(self.local),
+               "neuron_sets": nbytes(self.neurons or []),
+               "compact_copies": self.plan.copy_nbytes() if self.plan is not None else 0}
         out["total"] = sum(out.values())
         return out
 
@@ -584,7 +507,7 @@ class Session:
     @property
     def strategy(self) -> str | None:
         """How the current sets are read: "gather" (in place) or "compact" (a per-prompt copy)."""
-        return self._state.strategy_used
+        return self._state.plan.strategy if self._state.plan is not None else None
 
     @property
     def decode_tuning(self):

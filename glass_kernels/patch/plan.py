@@ -1,0 +1,73 @@
+"""The decode plan: for the current neuron sets, each layer's sparse call with its operands validated
+once (per prompt), so that a decode step is one prevalidated op call per layer.
+
+The operands are views of the model's own weights ("gather": the kernel reads the selected rows in
+place), or a per-prompt copy of the selected rows ("compact": see GlassConfig.strategy).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .registry import FFNSite
+
+
+def _ops():
+    from .. import ops  # lazy: the ops module loads the extension on first use
+
+    return ops
+
+
+def compact_copy(operands: tuple, idx: torch.Tensor, kind: str) -> tuple[tuple, torch.Tensor]:
+    """The selected neurons' rows copied into contiguous buffers, and the indices that read them all.
+
+    Reading the copy with idx = 0..k-1 runs the same kernel over the same rows in the same order, so
+    the result is bitwise that of reading them in place; only the memory access pattern differs."""
+    rows = idx.long()
+    every = torch.arange(idx.numel(), dtype=torch.int32, device=idx.device)
+    if kind == "gated":
+        return tuple(w.index_select(0, rows) for w in operands), every
+    w_in, b_in, w_out_t, b_out = operands
+    return (w_in.index_select(0, rows), None if b_in is None else b_in.index_select(0, rows),
+            w_out_t.index_select(0, rows), b_out), every
+
+
+class DecodePlan:
+    """Per layer (op, operands, int32 idx, activation) for the sets ``neurons`` ([R, k] per layer)."""
+
+    def __init__(self, sites: Sequence[FFNSite], neurons: Sequence[torch.Tensor], compact: bool) -> None:
+        ops = _ops()
+        self.strategy = "compact" if compact else "gather"
+        self.calls = []
+        for site, idx in zip(sites, neurons):
+            h = site.handler
+            operands = tuple(h.weights(site.module))
+            if idx.shape[0] == 1:
+                idx = idx[0]  # one set shared by every row (any batch size)
+            idx = idx.to(operands[0].device).contiguous()
+            if compact:
+                operands, idx = compact_copy(operands, idx, h.kind)
+            # validate_* check every operand and the idx range once, and return the int32
+            # contiguous idx that the prevalidated (per-token) functions require.
+            if h.kind == "gated":
+                idx = ops.validate_sparse_ffn_operands(*operands, idx, h.activation)
+                fn = ops.sparse_ffn_prevalidated
+            else:
+                idx = ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
+                fn = ops.sparse_mlp_prevalidated
+            self.calls.append((fn, operands, idx, h.activation))
+
+    def forward(self, layer: int, x: torch.Tensor, batch: int, flattens: bool) -> torch.Tensor:
+        fn, operands, idx, act = self.calls[layer]
+        if flattens:  # OPT hands the FFN [B*T, d]
+            y = fn(x.reshape(batch, -1, x.shape[-1]).contiguous(), *operands, idx, act)
+            return y.view(x.shape)
+        return fn(x.contiguous(), *operands, idx, act)  # no copy when already contiguous
+
+    def copy_nbytes(self) -> int:
+        """Bytes of the compacted copies (0 when gathering in place)."""
+        if self.strategy != "compact":
+            return 0
+        return sum(t.numel() * t.element_size() for _, ops, _, _ in self.calls for t in ops[:3] if t is not None)

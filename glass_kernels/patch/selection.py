@@ -1,0 +1,124 @@
+"""How a patched model chooses its neurons once a prompt is complete (docs/method.md, "Two rankings,
+one aggregate"). One small interface, ``Selection.choose``, and one class per kind of method:
+
+* ``RankAggregation``: a-glass, i-glass and griffin: the prompt's local statistic aggregated with the
+  global ranks at weight lam (griffin: lam = 0, the global ranks play no part);
+* ``FixedSelection``: global and random: one set per layer, the same for every prompt;
+* ``NoSelection``: dense.
+
+New selection rules (per-layer lambda, lambda by prompt length, per-layer keep) are new classes here;
+the schedule only calls ``choose``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .config import NEEDS_GLOBAL, GlassConfig
+from .registry import FFNSite
+
+
+def _ops():
+    from .. import ops  # lazy: the ops module loads the extension on first use
+
+    return ops
+
+
+class Selection:
+    """Chooses per layer the int32 neuron sets [R, k] (R rows of statistics, or 1 for a set shared by
+    every row), or None for "no selection" (dense decoding)."""
+
+    needs_local = False  # whether choose() reads the prompt's local statistics
+
+    def choose(self, local: Sequence[torch.Tensor] | None,
+               device_of: Callable[[int], torch.device]) -> list[torch.Tensor] | None:
+        raise NotImplementedError
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this selection keeps per model (for memory_overhead)."""
+        return {}
+
+
+class NoSelection(Selection):
+    def choose(self, local, device_of):
+        return None
+
+
+class FixedSelection(Selection):
+    """"global" (the k best global ranks: lam = 1) or "random" (seeded per layer): [1, k] per layer."""
+
+    def __init__(self, config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[int],
+                 global_ranks: Sequence[torch.Tensor] | None) -> None:
+        self.config, self.sites, self.k, self.global_ranks = config, sites, k, global_ranks
+        self._sets: dict[int, torch.Tensor] = {}
+
+    def _set(self, layer: int) -> torch.Tensor:
+        s = self._sets.get(layer)
+        if s is None:
+            D, k = self.sites[layer].D, self.k[layer]
+            if self.config.method == "random":
+                g = torch.Generator().manual_seed(self.config.seed + layer)
+                s = torch.randperm(D, generator=g)[:k].sort().values.to(torch.int32)
+            else:  # "global": local scores irrelevant (all equal), lam = 1
+                zeros = torch.zeros(1, D, dtype=torch.float32)
+                s = _ops().select_neurons(zeros, self.global_ranks[layer].cpu(), 1.0, k)
+            self._sets[layer] = s = s.reshape(1, k).contiguous()
+        return s
+
+    def choose(self, local, device_of):
+        return [self._set(l).to(device_of(l)) for l in range(len(self.sites))]
+
+    def nbytes(self):
+        return {"fixed_sets": sum(t.numel() * t.element_size() for t in self._sets.values())}
+
+
+class RankAggregation(Selection):
+    """a(i) = lam * r_G(i) + (1 - lam) * r_L(i); the k smallest, per row of local statistics."""
+
+    needs_local = True
+
+    def __init__(self, config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[int],
+                 global_ranks: list[torch.Tensor] | None) -> None:
+        self.lam = config.effective_lam
+        self.sites, self.k = sites, k
+        # The global ranks live with the weights (moved lazily if the model moves).
+        self.global_ranks = global_ranks
+        self._identity: dict[tuple, torch.Tensor] = {}
+
+    def _ranks(self, layer: int, device: torch.device) -> torch.Tensor:
+        if self.global_ranks is not None:
+            r = self.global_ranks[layer]
+            if r.device != device:
+                r = self.global_ranks[layer] = r.to(device)
+            return r
+        # griffin: lam = 0, the global rank has weight 0; any permutation gives the same result.
+        key = (self.sites[layer].D, str(device))
+        r = self._identity.get(key)
+        if r is None:
+            r = self._identity[key] = torch.arange(1, key[0] + 1, dtype=torch.int32, device=device)
+        return r
+
+    def choose(self, local, device_of):
+        out = []
+        for l, rows in enumerate(local):
+            idx = _ops().select_neurons(rows, self._ranks(l, rows.device), self.lam, self.k[l])
+            out.append(idx.to(torch.int32).contiguous())
+        return out
+
+    def nbytes(self):
+        return {"global_ranks": sum(t.numel() * t.element_size() for t in self.global_ranks or [])}
+
+
+def make_selection(config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[int], stats) -> Selection:
+    """The Selection of ``config.method`` (stats: the GlobalStats, for the methods that need them)."""
+    global_ranks = None
+    if config.method in NEEDS_GLOBAL:
+        kind = "impact" if config.method == "i-glass" else "activation"
+        global_ranks = [r.to(torch.int32).contiguous() for r in stats.ranks(kind)]
+    if config.method == "dense":
+        return NoSelection()
+    if config.method in ("global", "random"):
+        return FixedSelection(config, sites, k, global_ranks)
+    return RankAggregation(config, sites, k, global_ranks)
