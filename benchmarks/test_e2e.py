@@ -120,7 +120,7 @@ class _Patched:
 
 
 def _ffn_modules(model):
-    from glass_kernels.patch.registry import find_ffn_sites
+    from glass_kernels.ffn import find_ffn_sites
 
     return [s.module for s in find_ffn_sites(model)]
 

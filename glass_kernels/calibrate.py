@@ -75,7 +75,7 @@ class StatsAccumulator:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from .patch import find_ffn_sites, is_patched
+        from .ffn import down_norms, find_ffn_sites, is_patched
 
         if is_patched(model):
             raise ValueError(
@@ -86,36 +86,25 @@ class StatsAccumulator:
         self.sites = find_ffn_sites(model)
         self.activation = [torch.zeros(s.handler.D, dtype=torch.float32) for s in self.sites]
         self.impact = [torch.zeros(s.handler.D, dtype=torch.float32) for s in self.sites]
-        # c_i = ||W_down[:, i]||_2 in fp32 (the impact form's per-neuron scale), once per layer.
-        self.down_norms = [
-            s.handler.down_weight(s.module).detach().float().norm(dim=0).contiguous() for s in self.sites
-        ]
+        self.down_norms = [down_norms(s) for s in self.sites]  # the impact form's scale, once per layer
         self.mask: torch.Tensor | None = None
         self.num_tokens = 0
         self._handles: list = []
 
     def _hook(self, layer: int):
         def pre(module, args):
-            from . import ops
+            from .ffn import accumulate_statistic
 
             h = args[0]
             mask = self.mask
-            if h.dim() == 2:
-                # OPT's decoder layer flattens the tokens: fc2 sees [B*T, D].
-                h = h.reshape(mask.shape[0], -1, h.shape[-1]) if mask is not None else h.unsqueeze(0)
-            if h.dim() != 3:
+            # OPT's decoder layer flattens the tokens (fc2 sees [B*T, D]): the mask's rows say B.
+            B = mask.shape[0] if mask is not None else (h.shape[0] if h.dim() == 3 else 1)
+            if h.dim() not in (2, 3):
                 raise ValueError(f"layer {layer}: FFN intermediate must be [B, T, D], got {tuple(h.shape)}")
-            B, T, D = h.shape
-            if mask is not None and tuple(mask.shape) != (B, T):
-                raise ValueError(f"layer {layer}: mask shape {tuple(mask.shape)} != tokens [B, T] = {(B, T)}")
-            h = h.contiguous()
-            dn = self.down_norms[layer].to(h.device)
-            out = torch.zeros(B, D, dtype=torch.float32, device=h.device)
-            ops.neuron_stats(h, mask=mask, out=out)
-            self.activation[layer] += out.sum(0).cpu()
-            out.zero_()
-            ops.neuron_stats(h, down_norms=dn, mask=mask, out=out)
-            self.impact[layer] += out.sum(0).cpu()
+            for sums, norms in ((self.activation, None), (self.impact, self.down_norms[layer])):
+                out = torch.zeros(B, h.shape[-1], dtype=torch.float32, device=h.device)
+                accumulate_statistic(h, out, batch=B, mask=mask, norms=norms)
+                sums[layer] += out.sum(0).cpu()
 
         return pre
 

@@ -75,8 +75,7 @@ class StatsFileError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 def _ffn_sites(model: torch.nn.Module):
-    # Imported lazily: the patch package imports this module (for GlobalStats), not the other way round.
-    from glass_kernels.patch import find_ffn_sites
+    from .ffn import find_ffn_sites  # lazy: ffn loads transformers-facing handlers
 
     sites = list(find_ffn_sites(model))
     sites.sort(key=lambda s: s.layer)

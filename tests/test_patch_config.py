@@ -112,7 +112,7 @@ def test_stats_of_another_model_rejected():
 
 
 def test_failed_install_leaves_model_untouched(monkeypatch):
-    from glass_kernels.patch import families
+    from glass_kernels.ffn import families
 
     model = tm.build("llama")
     before = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}

@@ -10,7 +10,7 @@ import types as _types
 from .api import is_patched, patch, session, unpatch
 from .config import DEFAULT_LAMBDA, METHODS, GlassConfig
 from .modules import GlassFFN
-from .registry import (
+from ..ffn import (  # the FFN registry lives in glass_kernels.ffn; re-exported for patch's users
     FFNHandler,
     FFNSite,
     UnsupportedModelError,
@@ -19,7 +19,6 @@ from .registry import (
     supported_classes,
 )
 from .schedule import Session
-from . import families as _families  # noqa: F401  (registers the built-in handlers)
 
 __all__ = [
     "DEFAULT_LAMBDA",

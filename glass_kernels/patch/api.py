@@ -9,12 +9,12 @@ from torch import nn
 from .. import hf_compat
 from .config import NEEDS_GLOBAL, GlassConfig
 from .modules import GlassFFN
-from .registry import find_ffn_sites
+from ..ffn import find_ffn_sites
 from .schedule import GlassState, Session
 
 logger = logging.getLogger("glass_kernels.patch")
 
-_ATTR = "_glass_patch"  # instance attribute holding the patch record; its presence = patched
+from ..ffn.registry import PATCH_ATTR as _ATTR  # holds the patch record; its presence = patched
 
 
 class _PatchRecord:
@@ -116,7 +116,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
 def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
     """Give each site's weights the neuron-major layout and put a GlassFFN in its place; all or
     nothing (a failure restores what was done). Returns (installed sites, relaid parameters)."""
-    from .registry import restore_row_major
+    from ..ffn import restore_row_major
 
     relaid, installed = [], []
     try:
@@ -192,7 +192,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     rec = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
     if rec is None:
         raise ValueError("model is not patched by glass_kernels")
-    from .registry import restore_row_major
+    from ..ffn import restore_row_major
 
     for h in rec.hooks:
         h.remove()
@@ -207,8 +207,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(model, nn.Module) and model.__dict__.get(_ATTR) is not None
+from ..ffn.registry import is_patched  # noqa: E402  (re-exported: glass_kernels.patch.is_patched)
 
 
 def session(model: nn.Module) -> Session:

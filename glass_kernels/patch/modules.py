@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import FFNSite
+from ..ffn import FFNSite
 
 
 class GlassFFN(nn.Module):
@@ -17,6 +17,8 @@ class GlassFFN(nn.Module):
     per-token path is one op call. It registers the original FFN's children (or parameters) under
     the same names, so ``state_dict`` keys and ``.to()`` are unchanged by patching.
     """
+
+    replaces_ffn_site = True  # what glass_kernels.ffn recognises (it does not import this package)
 
     def __init__(self, site: FFNSite, state) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .registry import FFNSite
+from ..ffn import FFNSite
 
 
 def _ops():

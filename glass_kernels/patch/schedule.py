@@ -42,7 +42,7 @@ from torch import nn
 from .. import hf_compat
 from .config import GlassConfig
 from .plan import DecodePlan
-from .registry import FFNSite
+from ..ffn import FFNSite, accumulate_statistic, down_norms
 from .selection import make_selection
 
 logger = logging.getLogger("glass_kernels.patch")
@@ -77,7 +77,7 @@ class GlassState:
         # The down norms live with the weights (moved lazily if the model moves).
         self.down_norms: list[torch.Tensor] | None = None
         if self.impact:
-            self.down_norms = [self._down_norm(s) for s in sites]
+            self.down_norms = [down_norms(s) for s in sites]
         params = list(inspect.signature(model.forward).parameters)
         self._pos = {n: params.index(n) for n in self._INPUT_NAMES if n in params}
         cache_name = hf_compat.cache_arg_name(model.forward)
@@ -116,10 +116,6 @@ class GlassState:
         self.neurons: list[torch.Tensor] | None = None  # int32 [B or 1, k] per layer
         self.forced = False
         self.plan: DecodePlan | None = None  # the decode calls for the current sets
-
-    def _down_norm(self, site: FFNSite) -> torch.Tensor:
-        w = site.handler.down_weight(site.module).detach()  # [d, D] logical
-        return torch.linalg.vector_norm(w.float(), dim=0).contiguous()
 
     def start_sequence(self, batch: int) -> None:
         self.reset()
@@ -314,21 +310,15 @@ class GlassState:
 
     # -- statistics ---------------------------------------------------------------------------
     def accumulate(self, layer: int, h: torch.Tensor) -> None:
-        D = h.shape[-1]
-        h3 = h.reshape(self.batch, -1, D)
         out = self.local[layer]
         if out is None:
-            out = torch.zeros(self.batch, D, dtype=torch.float32, device=h.device)
-            self.local[layer] = out
+            out = self.local[layer] = torch.zeros(self.batch, h.shape[-1], dtype=torch.float32, device=h.device)
         norms = None
         if self.impact:
             norms = self.down_norms[layer]
             if norms.device != h.device:
-                norms = self.down_norms[layer] = norms.to(h.device)
-        mask = self.mask
-        if mask is not None and mask.device != h.device:
-            mask = mask.to(h.device)
-        _ops().neuron_stats(h3, down_norms=norms, mask=mask, out=out)
+                norms = self.down_norms[layer] = norms.to(h.device)  # moved once, kept with the weights
+        accumulate_statistic(h, out, batch=self.batch, mask=self.mask, norms=norms)
 
     # -- selection ----------------------------------------------------------------------------
     def select(self) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import NEEDS_GLOBAL, GlassConfig
-from .registry import FFNSite
+from ..ffn import FFNSite
 
 
 def _ops():

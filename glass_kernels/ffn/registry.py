@@ -194,10 +194,14 @@ class FFNSite:
         return parent, attr
 
 
-def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, type[FFNHandler] | None]]:
-    from .modules import GlassFFN  # local: modules imports this file
+def installed_in_place(module: nn.Module) -> bool:
+    """Whether ``module`` was installed in place of an FFN (glass_kernels.patch's GlassFFN, which keeps
+    the replaced site in ``.site`` and the layer attributes it took over in ``.originals``)."""
+    return bool(getattr(type(module), "replaces_ffn_site", False))
 
-    if isinstance(module, GlassFFN):
+
+def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, type[FFNHandler] | None]]:
+    if installed_in_place(module):
         yield prefix, module, None
         return
     cls = _REGISTRY.get(_qualname(module))
@@ -228,3 +232,13 @@ def find_ffn_sites(model: nn.Module) -> list[FFNSite]:
             + ", ".join(supported_classes())
         )
     return sites
+
+
+# The instance attribute that holds a model's patch record (glass_kernels.patch): its presence means
+# "patched". Defined here so that code reading FFNs (calibration) can tell without importing patch.
+PATCH_ATTR = "_glass_patch"
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether glass_kernels.patch has patched this model instance."""
+    return isinstance(model, nn.Module) and model.__dict__.get(PATCH_ATTR) is not None

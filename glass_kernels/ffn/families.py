@@ -1,7 +1,7 @@
 """One small handler per FFN family, keyed by the transformers module class.
 
 Each handler's dense path repeats its family's own forward operation for operation (checked
-against transformers 5.23's modeling files), so a patched model's prefill computes what the
+against transformers' modeling files), so a patched model's prefill computes what the
 original computes, with h exposed for the local statistics.
 """
 
@@ -12,6 +12,7 @@ from torch import nn
 from .registry import (
     FFNHandler,
     UnsupportedModelError,
+    installed_in_place,
     make_neuron_major,
     register_handler,
 )
@@ -182,10 +183,8 @@ class OPTLayerHandler(FFNHandler):
 
     @staticmethod
     def _orig(layer, attr):
-        from .modules import GlassFFN
-
         g = layer.fc1
-        if isinstance(g, GlassFFN):
+        if installed_in_place(g):
             return g.originals[attr]
         return getattr(layer, attr)
 
