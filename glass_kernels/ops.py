@@ -273,16 +273,19 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _cpp_out(x: Tensor):
+    """(the extension with torch's thread count, the output like x, B, T, d) for a sparse op's call."""
+    C = _ext._C
+    _ext.sync_threads(C)
+    B = x.shape[0] if x.dim() == 3 else 1
+    return C, torch.empty_like(x), B, x.shape[-2], x.shape[-1]
+
+
 def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
                     activation: str) -> Tensor:
     """The one call of _C.sparse_ffn (the op's CPU kernel and the prevalidated decode path both use it);
     every operand has been validated: contiguous, int32 idx, shapes and dtypes agreeing."""
-    C = _ext._C
-    _ext.sync_threads(C)
-    y = torch.empty_like(x)
-    d = x.shape[-1]
-    B = x.shape[0] if x.dim() == 3 else 1
-    T = x.shape[-2]
+    C, y, B, T, d = _cpp_out(x)
     if B * T == 0:
         return y
     C.sparse_ffn(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
@@ -294,12 +297,7 @@ def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, i
 def _cpp_sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_out: Tensor | None,
                     idx: Tensor, activation: str) -> Tensor:
     """The one call of _C.sparse_mlp (see _cpp_sparse_ffn)."""
-    C = _ext._C
-    _ext.sync_threads(C)
-    y = torch.empty_like(x)
-    d = x.shape[-1]
-    B = x.shape[0] if x.dim() == 3 else 1
-    T = x.shape[-2]
+    C, y, B, T, d = _cpp_out(x)
     if B * T == 0:
         return y
     C.sparse_mlp(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(), _ptr(b_in),
