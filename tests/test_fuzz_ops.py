@@ -9,7 +9,6 @@ raise the documented Python error. Bounded: EXAMPLES per property, no deadline.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -17,27 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import glass_kernels
-from glass_kernels import _ext, ops
+from glass_kernels import ops
+import backends
 from test_ops import native_ffn
 from tolerances import assert_close_derived
 
 EXAMPLES = 150
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ACTS = ["silu", "gelu_tanh", "gelu", "relu"]
-BACKENDS = ["torch"] + [f"cpp:{i}" for i in _ext.supported_isas()]
+BACKENDS = backends.names()
+_backend = backends.forced
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@contextlib.contextmanager
-def _backend(name):
-    with contextlib.ExitStack() as stack:
-        if name == "torch":
-            stack.enter_context(glass_kernels.backend("torch"))
-        else:
-            stack.enter_context(glass_kernels.backend("cpp"))
-            stack.enter_context(_ext.isa(name.split(":", 1)[1]))
-        yield
 
 
 @st.composite

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import glass_kernels
 from glass_kernels import _ext, ops, reference
 
+import backends
 from tolerances import assert_close_derived
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -43,13 +44,7 @@ def _impl_params():
 @pytest.fixture(params=_impl_params())
 def impl(request):
     """Forces one path: the torch reference, or the C++ core on one ISA."""
-    name = request.param
-    with contextlib.ExitStack() as stack:
-        if name == "torch":
-            stack.enter_context(glass_kernels.backend("torch"))
-        else:
-            stack.enter_context(glass_kernels.backend("cpp"))
-            stack.enter_context(_ext.isa(name.split(":", 1)[1]))
+    with backends.forced(request.param) as name:
         yield name
 
 
