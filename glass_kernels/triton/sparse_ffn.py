@@ -60,6 +60,20 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(acc, xt, w, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    # acc += the tokens' dot products with the neurons' rows: [T, K] with tl.dot (fp32 operands at
+    # IEEE precision for fp32 weights), else [T, K, BLOCK_D] partial products (summed later).
+    if USE_DOT:
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+    else:
+        acc += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
 def _sparse_ffn_kernel(
     x_ptr, w1_ptr, w3_ptr, wo_ptr, b1_ptr, idx_ptr, part_ptr,
     B, T, d, k, idx_stride_b, npp,
@@ -102,24 +116,10 @@ def _sparse_ffn_kernel(
             w_off = rows[:, None] + offs_d[None, :]
             w_mask = mask_k[:, None] & mask_d[None, :]
             w1 = tl.load(w1_ptr + w_off, mask=w_mask, other=0.0)
-            if USE_DOT:
-                if DOT_F32:
-                    acc1 = tl.dot(xt.to(tl.float32), tl.trans(w1.to(tl.float32)), acc1,
-                                  input_precision="ieee")
-                else:
-                    acc1 = tl.dot(xt, tl.trans(w1), acc1)
-            else:
-                acc1 += xt.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :]
+            acc1 = _accumulate(acc1, xt, w1, USE_DOT, DOT_F32)
             if GATED:
                 w3 = tl.load(w3_ptr + w_off, mask=w_mask, other=0.0)
-                if USE_DOT:
-                    if DOT_F32:
-                        acc3 = tl.dot(xt.to(tl.float32), tl.trans(w3.to(tl.float32)), acc3,
-                                      input_precision="ieee")
-                    else:
-                        acc3 = tl.dot(xt, tl.trans(w3), acc3)
-                else:
-                    acc3 += xt.to(tl.float32)[:, None, :] * w3.to(tl.float32)[None, :, :]
+                acc3 = _accumulate(acc3, xt, w3, USE_DOT, DOT_F32)
         if USE_DOT:
             g = acc1
             u = acc3
