@@ -238,6 +238,16 @@ def verdict(h: dict, keep: float) -> str:
     return s
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi PNG) and close one figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(res: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -269,11 +279,7 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{name}: held-out prompts ({len(h['prompts'])})")
-        fig.tight_layout()
-        p = out_dir / "quality_vs_keep.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out_dir / "quality_vs_keep.png"))
         jac = h.get("jaccard", {})
         if jac:
             keeps = sorted(jac, key=float, reverse=True)
@@ -287,11 +293,7 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=8)
             fig.suptitle(f"{name}: Jaccard of the chosen neurons\nwith the oracle (continuation) set", fontsize=10)
-            fig.tight_layout()
-            p = out_dir / "jaccard_layers.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, out_dir / "jaccard_layers.png"))
     sw = res.get("lambda_sweep")
     if sw:
         rows = [r for k, r in sw["results"].items() if k != "dense"]
@@ -305,11 +307,7 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"{name}: lambda sweep, tune split ({len(sw['prompts'])} prompts)")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        p = out_dir / "kl_vs_lambda.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out_dir / "kl_vs_lambda.png"))
     pl = res.get("prompt_length")
     if pl:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -338,11 +336,7 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
         axes[1].legend()
         axes[1].grid(alpha=0.3)
         fig.suptitle(f"{name}: prompt-length dependence (keep {pl['keep']})")
-        fig.tight_layout()
-        p = out_dir / "prompt_length.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out_dir / "prompt_length.png"))
     return paths
 
 
