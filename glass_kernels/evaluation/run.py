@@ -40,7 +40,7 @@ from .metrics import TokenScores, jaccard_layers, kl_per_token, nll_per_token, t
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalSettings", "Config", "evaluate_model", "heldout_configs", "score_batch",
+__all__ = ["EvalSettings", "Config", "evaluate_model", "heldout_configs", "score_config",
            "dense_continuations", "encode_prompts", "oracle_sets"]
 
 KEEPS = (0.5, 0.4, 0.3, 0.2)

@@ -207,7 +207,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-from ..ffn.registry import is_patched  # noqa: E402  (re-exported: glass_kernels.patch.is_patched)
+from ..ffn.registry import is_patched  # noqa: E402,F401  (re-exported: glass_kernels.patch.is_patched)
 
 
 def session(model: nn.Module) -> Session:

@@ -5,8 +5,8 @@ pre-hook (with kwargs) on the top-level model instance:
 
 * cache empty / absent (no cache, or ``get_seq_length() == 0``): a new sequence. Where the cache
   argument is found, and under which name, depends on the transformers version: ``hf_compat``.
-  The FFNs run dense and accumulate each sequence's local statistic (``ops.neuron_stats``, padding
-  excluded through the current tokens' columns of the 2-D attention mask).
+  The FFNs run dense and accumulate each sequence's local statistic (``ffn.accumulate_statistic``,
+  padding excluded through the current tokens' columns of the 2-D attention mask).
 * cache non-empty: before the first such forward, every sequence's neurons are selected
   (``ops.select_neurons``); from then on every forward (any number of tokens) runs
   ``sparse_ffn`` / ``sparse_mlp`` with them, until the next new sequence.
@@ -22,6 +22,9 @@ prompt that ran the sparse kernel, forwards after the prompt that ran dense). In
 every forward after the prompt is a decode step by construction; one that arrives without a
 non-empty cache is counted as a dense decode step and warned about once (a transformers release
 that passes the cache under a new name shows up here, not as a silent slowdown).
+
+One patched model holds one sequence's state: a forward while another thread's forward is in flight,
+or one that continues a sequence another thread started, raises RuntimeError instead of mixing them.
 
 Rows of a batch whose inputs (ids or embeddings, and mask) are identical in every prompt chunk
 share one neuron set: the beams / samples that ``generate()`` expands from one prompt get exactly
@@ -46,12 +49,6 @@ from ..ffn import FFNSite, accumulate_statistic, down_norms
 from .selection import make_selection
 
 logger = logging.getLogger("glass_kernels.patch")
-
-
-def _ops():
-    from .. import ops  # lazy: the ops module loads the extension on first use
-
-    return ops
 
 
 class GlassState:
