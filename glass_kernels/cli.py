@@ -1,4 +1,4 @@
-"""``python -m glass_kernels``: demo | generate | calibrate | eval | bench.
+"""``python -m glass_kernels``: demo | generate | calibrate | tune | eval | bench.
 
 * ``demo`` (the README's main job): loads SmolLM2-135M-Instruct (offline, from its PyPI wheel),
   calibrates its global statistics once (cached next to the model cache, keyed by the model's FFN
