@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
-import time
 
 import pytest
 import torch
 
-from glass_kernels.machine import cpu_name, software_versions
+from glass_kernels.machine import cpu_name, cpu_sample, software_versions
+from glass_kernels.machine import other_load as _other_load
 
 
 def pytest_configure(config):
@@ -26,35 +25,16 @@ def quick_mode() -> bool:
     return os.environ.get("GLASS_BENCH_QUICK", "0") not in ("", "0", "false", "no")
 
 
-def _cpu_seconds() -> tuple[float, float, float] | None:
-    """(wall, busy CPU seconds of the whole machine incl. steal, CPU seconds of this process)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None  # not Linux: no figure rather than a wrong one
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    tick = os.sysconf("SC_CLK_TCK")
-    return (time.monotonic(), (user + nice + system + irq + softirq + steal) / tick, own.ru_utime + own.ru_stime)
-
-
-_last_cpu_sample = _cpu_seconds()
+_last_cpu_sample = cpu_sample()
 
 
 def other_load() -> float | None:
-    """Cores' worth of CPU used by anything but this process since the previous call.
-
-    The load average cannot tell: it counts the benchmark's own threads, so a 2-thread run on 2 cores
-    always looks "full". Machine-wide busy time minus our own CPU time is what competed with us.
-    """
+    """Cores' worth of CPU used by anything but this process since the previous call
+    (glass_kernels.machine.other_load)."""
     global _last_cpu_sample
-    now = _cpu_seconds()
+    now = cpu_sample()
     prev, _last_cpu_sample = _last_cpu_sample, now
-    if now is None or prev is None or now[0] - prev[0] < 0.05:
-        return None
-    wall = now[0] - prev[0]
-    return max(0.0, ((now[1] - prev[1]) - (now[2] - prev[2])) / wall)
+    return _other_load(prev, now)
 
 
 def machine_info() -> dict:

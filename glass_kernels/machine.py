@@ -80,3 +80,30 @@ def describe_machine() -> dict:
     except Exception as e:  # report, never fail a run for machine info
         info["glass_ext"] = f"unavailable ({type(e).__name__})"
     return info
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(wall seconds, busy CPU seconds of the whole machine incl. steal, CPU seconds of this process),
+    or None off Linux. Two samples give other_load()."""
+    import resource
+    import time
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None  # not Linux: no figure rather than a wrong one
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    tick = os.sysconf("SC_CLK_TCK")
+    return (time.monotonic(), (user + nice + system + irq + softirq + steal) / tick, own.ru_utime + own.ru_stime)
+
+
+def other_load(before, after) -> float | None:
+    """Cores' worth of CPU used by anything but this process between two cpu_sample()s.
+
+    The load average cannot tell: it counts our own threads, so a 2-thread run on 2 cores always
+    looks "full". Machine-wide busy time minus our own CPU time is what competed with us."""
+    if before is None or after is None or after[0] - before[0] < 0.05:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))

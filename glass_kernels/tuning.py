@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .machine import cpu_name, software_versions
+from .machine import cpu_name, cpu_sample, other_load, software_versions
 
 logger = logging.getLogger("glass_kernels.tuning")
 
@@ -41,6 +41,8 @@ ENV_VARS = ("GLASS_ISA", "GLASS_NEURONS_IN_FLIGHT", "GLASS_PREFETCH_NEURONS")
 # patch(tune="auto") measures when the FFN weights are at least this many times the last-level cache:
 # below that, repeated calls hit the cache and the timing says nothing about decoding from DRAM.
 COLD_FACTOR = 4
+# Other processes' CPU use (cores) above which a measurement is not cached: it would freeze noise.
+BUSY_CORES = 0.25
 _FORMAT = 2  # 2: compact-read candidates and "compact_faster"
 
 
@@ -230,16 +232,24 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         t = current()
         return dataclasses.replace(t, source="environment" if _env_overrides() else "default")
     t0 = time.perf_counter()
+    before = cpu_sample()
     gbps = measure(layers, dtype, d, keep=keep, compact=True)
+    busy = other_load(before, cpu_sample())
     isa, nf, pf = choose(gbps)
     faster_copy = compact_is_faster(gbps)
     table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     logger.info("glass_kernels: decode tuning measured in %.1f s: %s, %d in flight, prefetch %d",
                 time.perf_counter() - t0, isa, nf, pf)
+    if busy is not None and busy > BUSY_CORES:
+        # A choice made while other processes competed for the memory system is noise: use it for
+        # this model, but do not keep it (the next patch on a quiet machine measures again).
+        logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
+                       "using it now but not caching it (`python -m glass_kernels tune` on a quiet machine)", busy)
+        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy)
     doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
     doc["entries"][_key(dtype, d, threads)] = {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "gbps": table,
-        "compact_faster": faster_copy,
+        "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
         "ffn_bytes": ffn_bytes, "cold": cold, "keep": keep,
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": software_versions(),

@@ -35,6 +35,8 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GLASS_KERNELS_CACHE", str(tmp_path))
     for var in tuning.ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    # a quiet machine, whatever else runs beside the tests (the busy case has its own test)
+    monkeypatch.setattr(tuning, "other_load", lambda before, after: 0.0)
     return tmp_path
 
 
@@ -220,3 +222,19 @@ def test_compact_is_faster_needs_a_clear_margin():
     assert not tuning.compact_is_faster({**base, ("avx2", 4, 0, "compact"): 10.4})
     assert tuning.compact_is_faster({**base, ("avx2", 1, 0, "compact"): 10.6})
     assert tuning.choose({**base, ("avx2", 1, 0, "compact"): 99.0}) == ("avx2", 4, 0)
+
+
+def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(cache, setting, monkeypatch, caplog):
+    monkeypatch.setattr(tuning, "other_load", lambda before, after: 1.5)  # as if 1.5 cores competed
+    model = tm.build("llama")
+    with caplog.at_level(logging.WARNING, logger="glass_kernels.tuning"):
+        patch(model, method="griffin", keep=0.5, tune=True)
+    t = session(model).decode_tuning
+    assert "busy" in t.source and t.gbps is not None
+    assert not tuning.cache_file().exists()
+    assert any("not caching it" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():  # still the setting the core runs for this model
+        out = model(torch.tensor([[5, 6, 7]]), use_cache=True)
+        model(torch.tensor([[8]]), **glass_kernels.hf_compat.cache_kwargs(model, glass_kernels.hf_compat.output_cache(out)))
+    assert setting.get_decode_tuning() == (t.neurons_in_flight, t.prefetch_neurons)
+    unpatch(model)

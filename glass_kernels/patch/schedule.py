@@ -361,7 +361,7 @@ class GlassState:
         if self.neurons is None:
             self.plan = None
             return
-        if self.decode_tuning is not None and self.decode_tuning.source in ("measured", "cached"):
+        if self.decode_tuning is not None and self.decode_tuning.gbps is not None:  # measured or cached
             from .. import tuning
 
             tuning.apply(self.decode_tuning)  # per sequence, in case another patched model changed it
