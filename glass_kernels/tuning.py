@@ -229,8 +229,7 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     ffn_bytes = sum(sum(t.numel() * t.element_size() for t in l) for l in layers)
     cold = ffn_bytes >= COLD_FACTOR * last_level_cache_bytes()
     if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not cold):
-        t = current()
-        return dataclasses.replace(t, source="environment" if _env_overrides() else "default")
+        return current()
     t0 = time.perf_counter()
     before = cpu_sample()
     gbps = measure(layers, dtype, d, keep=keep, compact=True)

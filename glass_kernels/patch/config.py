@@ -43,7 +43,8 @@ class GlassConfig:
     tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
              glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
              (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
-             whenever nothing is cached; False keeps the C core's defaults / the environment's.
+             whenever nothing is cached; False never measures (a cached setting is still used,
+             else the C core's defaults / the environment's).
     """
 
     method: str = "a-glass"
