@@ -7,6 +7,9 @@
              neuron at a time (the kernel before neuron groups)
     sparse   the same op with the ISA path, neurons in flight and prefetch distance that
              glass_kernels.tuning measures as best for this machine, on these same cold layers
+    bundled  the same op on the neuron-bundled layout (glass_kernels.ffn.layout: neuron i's gate,
+             up and down rows adjacent in one [D, 3, d] block, row stride 3d), with the setting
+             measured on that layout
 
 Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB: the L3 (hundreds of MiB)
 cannot hold them, every call streams its weights from DRAM as a real decode step does. The same
@@ -32,6 +35,7 @@ from conftest import machine_info, median_s, quick_mode, set_threads
 
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
 from glass_kernels import tuning  # noqa: E402
+from glass_kernels.ffn.layout import bundled_views  # noqa: E402
 
 DEFAULT_TUNING = _C.get_decode_tuning()
 
@@ -58,6 +62,7 @@ def _cases():
                         out.append((shape, dt, nt, keep, "compact"))
                     out.append((shape, dt, nt, keep, "sparse1"))  # one neuron at a time
                     out.append((shape, dt, nt, keep, "sparse"))  # the setting measured for this machine
+                    out.append((shape, dt, nt, keep, "bundled"))  # ... on the neuron-bundled layout
     return out
 
 
@@ -83,10 +88,17 @@ class Layers:
             self.layers.append((wg, wu, wd, wd.t().contiguous()))
         self.x = torch.randn(1, 1, d, generator=g).to(dtype)
         self.i = 0
+        self._bundled = None
 
     def next(self):
         self.i = (self.i + 1) % self.L
         return self.layers[self.i]
+
+    def bundled(self) -> list:
+        """Per layer (w_gate, w_up, w_down_t) as views of one [D, 3, d] block (made on first use)."""
+        if self._bundled is None:
+            self._bundled = [bundled_views([wg, wu, wdt]) for wg, wu, _, wdt in self.layers]
+        return self._bundled
 
 
 _layers_cache: dict = {}
@@ -113,11 +125,11 @@ def _rounds(seconds_per_call: float) -> int:
 
 
 def sparse_ffn_c(x, wg, wu, wdt, idx, y, activation="silu"):
-    """_C.sparse_ffn on contiguous tensors (the bench stays independent of the Python ops layer)."""
+    """_C.sparse_ffn on rows one stride apart (the bench stays independent of the Python ops layer)."""
     B, T, d = x.shape
     _C.sparse_ffn(str(x.dtype).replace("torch.", ""), activation, x.data_ptr(), B, T, d,
                   wg.data_ptr(), wu.data_ptr(), wdt.data_ptr(), wg.shape[0], idx.data_ptr(),
-                  idx.numel(), False, y.data_ptr())
+                  idx.numel(), False, y.data_ptr(), wg.stride(0))
     return y
 
 
@@ -148,20 +160,21 @@ def test_decode_ffn(benchmark, results, case):
             return F.linear(F.silu(F.linear(x, cg)) * F.linear(x, cu), cd)
     else:
         y = torch.empty_like(x)
+        operands = lay.bundled() if impl == "bundled" else [(wg, wu, wdt) for wg, wu, _, wdt in lay.layers]
         if impl == "sparse1":
             setting = ("auto", 1, 0)
         else:  # the per-machine choice, measured on these same layers (cold) by glass_kernels.tuning
-            tkey = (d, D, dt_name, nt, keep)
+            tkey = (d, D, dt_name, nt, keep, impl)
             if tkey not in results:
-                gbps = tuning.measure([(wg, wu, wdt) for wg, wu, _, wdt in lay.layers], dtype, d, keep=keep)
-                results[tkey] = tuning.choose(gbps)
+                results[tkey] = tuning.choose(tuning.measure(operands, dtype, d, keep=keep))
             setting = results[tkey]
         _C.set_isa(setting[0])
         _C.set_decode_tuning(setting[1], setting[2])
+        state = {"i": 0}
 
         def step():
-            wg, wu, _, wdt = lay.next()
-            return sparse_ffn_c(x, wg, wu, wdt, idx, y)
+            state["i"] = (state["i"] + 1) % len(operands)
+            return sparse_ffn_c(x, *operands[state["i"]], idx, y)
 
     for _ in range(lay.L):  # warm-up: one pass over every layer (page faults, thread pools)
         step()
@@ -174,7 +187,7 @@ def test_decode_ffn(benchmark, results, case):
     info.update(machine_info())
     info.update(d=d, D=D, dtype=dt_name, threads=nt, keep=keep, k=k, impl=impl, layers=lay.L,
                 bytes_per_call=int(nbytes), gbps=round(nbytes / t / 1e9, 2))
-    if impl.startswith("sparse"):
+    if impl.startswith("sparse") or impl == "bundled":
         info["kernel"] = _C.kernel_name(dt_name, True)
         info["neurons_in_flight"], info["prefetch_neurons"] = _C.get_decode_tuning()
         _C.set_isa("auto")
@@ -183,7 +196,7 @@ def test_decode_ffn(benchmark, results, case):
     if dense:
         info["speedup_vs_dense"] = round(dense / t, 3)
     compact = results.get(key + (keep, "compact"))
-    if compact and impl.startswith("sparse"):
+    if compact and (impl.startswith("sparse") or impl == "bundled"):
         info["speedup_vs_compact"] = round(compact / t, 3)
     if impl == "compact":
         del copies

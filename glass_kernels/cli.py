@@ -396,15 +396,17 @@ def run_tune(args, loader: Loader, out=sys.stdout) -> int:
     print(machine_info(_DTYPES[args.dtype]), file=out)
     model, _ = loader(args.model, _DTYPES[args.dtype])
     patch(model, method="griffin", keep=args.keep, tune=False)  # the neuron-major layout to time
-    t = tuning.tuning_for_model(session(model)._state.sites, tune=True, keep=args.keep, force=True)
+    # layout "auto": both layouts timed (the weights are converted in place between them)
+    t = tuning.tuning_for_model(session(model)._state.sites, tune=True, keep=args.keep, force=True, layout="auto")
     if t.gbps is None:
         print(f"nothing measured: {t.describe()}", file=out)
         return 0
     print(f"GB/s of selected FFN weights, one token, keep {args.keep:g}, every layer of {args.model} per timing "
           f"(median of 5), by ISA / neurons in flight / prefetch distance:", file=out)
     for cand, v in sorted(t.gbps.items(), key=lambda kv: -kv[1]):
-        print(f"  {cand:<16}{v:8.2f}", file=out)
-    print("(entries ending in /compact: the same kernel reading a compacted copy of the selected rows)", file=out)
+        print(f"  {cand:<24}{v:8.2f}", file=out)
+    print("(entries ending in /bundled: the neuron-bundled layout, gate/up/down rows of a neuron adjacent; "
+          "/compact: the same kernel reading a compacted copy of the selected rows)", file=out)
     print(f"chosen: {t.describe()} -> {tuning.cache_file()}", file=out)
     return 0
 

@@ -18,9 +18,12 @@ TypeError (wrong type / dtype), ValueError (shape, device, contiguity, value) or
 (idx range, finite scores, rank range) run inside the op implementation, i.e. eagerly even
 under torch.compile, before the kernel is called.
 
-Contiguity: weights (w_*) must be contiguous [D, d] -- copying them per call would cost more
-than the op, so a non-contiguous weight is an error. Activations, idx, biases, masks, norms and
-scores are made contiguous (a copy only when they are not already).
+Weight layout: weights (w_*) are [D, d] with contiguous rows, all rows of all weights of one call
+the same stride apart: contiguous tensors (stride d), or the views of a neuron-bundled [D, 3, d]
+block (``w_gate = P[:, 0]``, ``w_up = P[:, 1]``, ``w_down_t = P[:, 2]``, stride 3d; see
+``glass_kernels.ffn.layout.bundled_views``). Copying a weight per call would cost more than the op, so any other
+layout is an error. Activations, idx, biases, masks, norms and scores are made contiguous (a copy
+only when they are not already).
 
 Inference only: the ops have no autograd formula. Registering one (torch.library.register_autograd)
 measured +6 us per call under no_grad and +23 us with grad enabled, so none is registered; a
@@ -98,10 +101,24 @@ def _weight(name: str, w, ref_name: str, ref: Tensor | None, D: int | None, d: i
         raise ValueError(f"{name} must have shape [D, d] = [{D}, {d}], got {tuple(w.shape)}")
     if w.shape[0] < 1 or w.shape[1] < 1:
         raise ValueError(f"{name} must have D >= 1 and d >= 1, got shape {tuple(w.shape)}")
-    if not w.is_contiguous():
-        raise ValueError(f"{name} must be contiguous [D, d] (weights are never copied per call); "
-                         "pass .contiguous() once, outside the decode loop")
+    if not _rows_ok(w):
+        raise ValueError(f"{name} must be [D, d] with contiguous rows (contiguous, or a view of a "
+                         f"neuron-bundled [D, 3, d] block), got strides {tuple(w.stride())}; weights are "
+                         "never copied per call: pass .contiguous() once, outside the decode loop")
+    if ref is not None and ref.dim() == 2 and w.stride(0) != ref.stride(0):
+        raise ValueError(f"{name}'s rows are {w.stride(0)} elements apart but {ref_name}'s are "
+                         f"{ref.stride(0)}; every weight of one call must have the same row stride")
     return w
+
+
+def _rows_ok(w: Tensor) -> bool:
+    """[D, d] with each row contiguous and rows at least d apart (what the kernels' ldw allows)."""
+    return (w.shape[1] == 1 or w.stride(1) == 1) and w.stride(0) >= w.shape[1]
+
+
+def row_stride(w: Tensor) -> int:
+    """The distance between a weight's rows in elements (d for contiguous [D, d], 3d when bundled)."""
+    return w.stride(0)
 
 
 def _weights_ok(ws) -> bool:
@@ -111,11 +128,12 @@ def _weights_ok(ws) -> bool:
     if not isinstance(w0, torch.Tensor):
         return False
     dt, sh, dev = w0.dtype, w0.shape, w0.device
-    if dt not in _FLOATS or len(sh) != 2 or sh[0] < 1 or sh[1] < 1 or not w0.is_contiguous():
+    if dt not in _FLOATS or len(sh) != 2 or sh[0] < 1 or sh[1] < 1 or not _rows_ok(w0):
         return False
+    ld = w0.stride(0)
     for w in ws[1:]:
-        if (not isinstance(w, torch.Tensor) or w.dtype != dt or w.shape != sh or not w.is_contiguous()
-                or w.device != dev):
+        if (not isinstance(w, torch.Tensor) or w.dtype != dt or w.shape != sh or not _rows_ok(w)
+                or w.stride(0) != ld or w.device != dev):
             return False
     return True
 
@@ -284,13 +302,13 @@ def _cpp_out(x: Tensor):
 def _cpp_sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor,
                     activation: str) -> Tensor:
     """The one call of _C.sparse_ffn (the op's CPU kernel and the prevalidated decode path both use it);
-    every operand has been validated: contiguous, int32 idx, shapes and dtypes agreeing."""
+    every operand has been validated: rows one stride apart, int32 idx, shapes and dtypes agreeing."""
     C, y, B, T, d = _cpp_out(x)
     if B * T == 0:
         return y
     C.sparse_ffn(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
                  w_up.data_ptr(), w_down_t.data_ptr(), w_gate.shape[0], idx.data_ptr(),
-                 idx.shape[-1], idx.dim() == 2, y.data_ptr())
+                 idx.shape[-1], idx.dim() == 2, y.data_ptr(), w_gate.stride(0))
     return y
 
 
@@ -302,7 +320,7 @@ def _cpp_sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tenso
         return y
     C.sparse_mlp(_DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(), _ptr(b_in),
                  w_out_t.data_ptr(), _ptr(b_out), w_in.shape[0], idx.data_ptr(), idx.shape[-1],
-                 idx.dim() == 2, y.data_ptr())
+                 idx.dim() == 2, y.data_ptr(), w_in.stride(0))
     return y
 
 
@@ -442,7 +460,8 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: T
                activation: str = "silu") -> Tensor:
     """Gated sparse FFN: y[b,t] = sum_{i in idx_b} act(W_gate[i].x) * (W_up[i].x) * W_down_t[i].
 
-    x [T, d] or [B, T, d]; w_gate, w_up, w_down_t contiguous [D, d] (w_down_t = W_down.T);
+    x [T, d] or [B, T, d]; w_gate, w_up, w_down_t [D, d] (w_down_t = W_down.T), contiguous or
+    views of one neuron-bundled [D, 3, d] block (rows the same stride apart, see the module doc);
     idx int32/int64 [k] (shared) or [B, k] (per sequence), values in [0, D); activation in
     "silu" | "gelu_tanh" | "gelu" | "relu". Returns y with x's shape and dtype (fp32 accumulation).
     """
@@ -461,7 +480,8 @@ def sparse_mlp(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out_t: Tensor, b_
                idx: Tensor, activation: str = "gelu") -> Tensor:
     """Non-gated sparse MLP (OPT, GPT-2): y[b,t] = sum_{i in idx_b} act(W_in[i].x + b_in[i]) * W_out_t[i] + b_out.
 
-    w_in, w_out_t contiguous [D, d]; b_in [D] and b_out [d] or None; otherwise as ``sparse_ffn``.
+    w_in, w_out_t [D, d] (contiguous, or views of one [D, 2, d] block); b_in [D] and b_out [d] or
+    None; otherwise as ``sparse_ffn``.
     """
     if not _weights_ok((w_in, w_out_t)):
         w_in = _weight("w_in", w_in, "", None, None, None)

@@ -1,5 +1,7 @@
 """Per-machine choice of the decode kernel's settings: which ISA path, how many selected neurons each
-thread keeps in flight, and how far ahead their rows are prefetched.
+thread keeps in flight, how far ahead their rows are prefetched, and which weight layout they are
+read from (separate [D, d] operands or the neuron-bundled [D, n, d] block, glass_kernels.ffn.layout);
+and whether the prompt's dense forward should run on contiguous copies of the relaid weights.
 
 Nothing here is a constant tuned on one CPU. The best setting depends on the memory system (a
 2-core Xeon needs ~4 neurons in flight to reach STREAM bandwidth; other CPUs differ) and on the row
@@ -21,6 +23,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -43,7 +46,11 @@ ENV_VARS = ("GLASS_ISA", "GLASS_NEURONS_IN_FLIGHT", "GLASS_PREFETCH_NEURONS")
 COLD_FACTOR = 4
 # Other processes' CPU use (cores) above which a measurement is not cached: it would freeze noise.
 BUSY_CORES = 0.25
-_FORMAT = 2  # 2: compact-read candidates and "compact_faster"
+_FORMAT = 3  # 2: compact-read candidates and "compact_faster"; 3: layouts, prompt-copy entries
+LAYOUTS = ("auto", "separate", "bundled")
+# The bundled layout is taken only when it measured clearly faster: otherwise the parameters keep
+# the layout closest to the original.
+BUNDLED_MARGIN = 1.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +65,13 @@ class DecodeTuning:
     # The same kernel reading a compacted copy of the selected rows was more than 5% faster than
     # reading them in place (GlassConfig(strategy="auto") then copies).
     compact_faster: bool = False
+    layout: str = "separate"  # the weight layout the decode reads: "separate" | "bundled"
 
     def describe(self) -> str:
         pf = "" if self.neurons_in_flight == 1 else f", prefetch {self.prefetch_neurons} neurons ahead"
         copy = "; a compacted copy reads faster here" if self.compact_faster else ""
-        return f"{self.isa}, {self.neurons_in_flight} neuron(s) in flight{pf} ({self.source}{copy})"
+        return (f"{self.isa}, {self.neurons_in_flight} neuron(s) in flight{pf}, {self.layout} rows "
+                f"({self.source}{copy})")
 
 
 def _ext():
@@ -78,8 +87,8 @@ def cache_file() -> Path:
     return cache_dir() / "tuning" / f"{slug}.json"
 
 
-def _key(dtype: torch.dtype, d: int, threads: int) -> str:
-    return f"{str(dtype).replace('torch.', '')}/d{d}/t{threads}"
+def _key(dtype: torch.dtype, d: int, threads: int, layout: str = "separate") -> str:
+    return f"{str(dtype).replace('torch.', '')}/d{d}/t{threads}/{layout}"
 
 
 def _load_cache(path: Path) -> dict:
@@ -142,8 +151,8 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
             seed: int = 0, compact: bool = False) -> dict[tuple, float]:
     """GB/s of selected weight bytes for every (isa, neurons in flight, prefetch) candidate.
 
-    ``layers``: per FFN layer the gated operands (w_gate, w_up, w_down_t), each [D, d] contiguous in
-    ``dtype``. One token, a sorted random set of keep * D neurons per layer; every timing walks all
+    ``layers``: per FFN layer the gated operands (w_gate, w_up, w_down_t), each [D, d] in ``dtype``
+    with contiguous rows one common stride apart (separate or bundled, see glass_kernels.ffn.layout). One token, a sorted random set of keep * D neurons per layer; every timing walks all
     layers once (cold caches when they exceed the last-level cache), candidates interleaved round by
     round so that drift hits all alike; the median of ``rounds``. ``compact``: also time, per ISA,
     the same kernel reading k contiguous rows (what a compacted copy of the selection costs to read),
@@ -174,7 +183,7 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
                 t0 = time.perf_counter()
                 for (w1, w2, w3), i in zip(layers, sets):
                     C.sparse_ffn(dn, "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
-                                 D, i.data_ptr(), k, False, y.data_ptr())
+                                 D, i.data_ptr(), k, False, y.data_ptr(), w1.stride(0))
                 times[c].append((time.perf_counter() - t0) / len(layers))
     finally:
         C.set_isa(saved_isa)
@@ -182,18 +191,71 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
     return {c: nbytes / statistics.median(ts[1:]) / 1e9 for c, ts in times.items()}
 
 
-def choose(gbps: dict[tuple, float]) -> tuple[str, int, int]:
-    """The fastest in-place candidate; a simpler one (fewer in flight, no prefetch) wins ties within 2%."""
-    gathered = {c: v for c, v in gbps.items() if len(c) == 3}
-    best = max(gathered.values())
-    close = [c for c, v in gathered.items() if v >= 0.98 * best]
-    return min(close, key=lambda c: (c[1], c[2], -gathered[c]))
+def _simplest_best(gbps: dict[tuple, float], keys: list[tuple]) -> tuple | None:
+    """The fastest of ``keys``; a simpler one (fewer in flight, no prefetch) wins ties within 2%."""
+    if not keys:
+        return None
+    best = max(gbps[c] for c in keys)
+    close = [c for c in keys if gbps[c] >= 0.98 * best]
+    return min(close, key=lambda c: (c[1], c[2], -gbps[c]))
+
+
+def choose(gbps: dict[tuple, float]) -> tuple[str, int, int, str]:
+    """(isa, neurons in flight, prefetch, layout): the fastest in-place candidate of each layout
+    (keys (isa, n, p) read separate rows, (isa, n, p, "bundled") the bundled block); the bundled
+    layout only when it beat the best separate one by BUNDLED_MARGIN."""
+    sep = _simplest_best(gbps, [c for c in gbps if len(c) == 3])
+    bun = _simplest_best(gbps, [c for c in gbps if len(c) == 4 and c[3] == "bundled"])
+    if bun is not None and (sep is None or gbps[bun] > BUNDLED_MARGIN * gbps[sep]):
+        return (*bun[:3], "bundled")
+    return (*sep[:3], "separate")
+
+
+def _chosen_key(choice: tuple) -> tuple:
+    return choice[:3] if choice[3] == "separate" else choice
 
 
 def compact_is_faster(gbps: dict[tuple, float]) -> bool:
     """Whether reading a compacted copy beat the best in-place candidate by more than 5%."""
-    copies = [v for c, v in gbps.items() if len(c) == 4]
-    return bool(copies) and max(copies) > 1.05 * gbps[choose(gbps)]
+    copies = [v for c, v in gbps.items() if len(c) == 4 and c[3] == "compact"]
+    return bool(copies) and max(copies) > 1.05 * gbps[_chosen_key(choose(gbps))]
+
+
+def bundle_params(sites) -> list | None:
+    """Per site the parameters of the bundled layout, or None if some site cannot be bundled."""
+    out = [s.handler.bundle_params(s.module) for s in sites]
+    return None if any(p is None for p in out) else out
+
+
+def set_layout(sites, layout: str) -> None:
+    """Give every site's FFN weights the ``layout`` ("separate" | "bundled") in place, a layer at a time."""
+    from .ffn import layout as L
+
+    for params in bundle_params(sites) or []:
+        if layout == "bundled":
+            if not L.is_bundled(params):
+                L.bundle(params)
+        elif L.is_bundled(params):
+            L.separate(params)
+
+
+def measure_layouts(sites, dtype: torch.dtype, d: int, layouts: Sequence[str], keep: float = 0.5,
+                    rounds: int = 5) -> dict[tuple, float]:
+    """``measure`` in each of ``layouts``, converting the sites' weights in place between them.
+
+    With two layouts the phases alternate (separate, bundled, separate, bundled; ``rounds`` split
+    among them) so that drift of the machine hits both alike; a candidate's figure is the mean of
+    its phase medians. Bundled candidates are keyed (isa, n, p, "bundled"). The sites are left in
+    the last layout measured."""
+    phases = list(layouts) * 2 if len(layouts) > 1 else list(layouts)
+    per_phase = max(1, rounds // len(phases) + (1 if len(phases) > 1 else 0))
+    got: dict[tuple, list] = {}
+    for lay in phases:
+        set_layout(sites, lay)
+        g = measure(_gated_layers(sites), dtype, d, keep=keep, rounds=per_phase, compact=lay == "separate")
+        for c, v in g.items():
+            got.setdefault(c + ("bundled",) if lay == "bundled" else c, []).append(v)
+    return {c: statistics.mean(v) for c, v in got.items()}
 
 
 def _gated_layers(sites) -> list[tuple]:
@@ -206,53 +268,7 @@ def _gated_layers(sites) -> list[tuple]:
     return out
 
 
-def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force: bool = False) -> DecodeTuning:
-    """The decode setting for a patched model's FFN sites: cached, measured or the defaults.
-
-    ``force``: measure again even when a setting is cached (``python -m glass_kernels tune``)."""
-    if tune not in (True, False, "auto"):
-        raise ValueError(f"tune must be True, False or \"auto\", got {tune!r}")
-    ext = _ext()
-    if not ext.available() or not sites:
-        return DecodeTuning("none", 1, 0, "default")
-    w = sites[0].handler.in_weight(sites[0].module)
-    dtype, d = w.dtype, int(sites[0].d)
-    threads = torch.get_num_threads()  # the ops run the core with torch's thread count
-    path = cache_file()
-    doc = _load_cache(path)
-    entry = doc.get("entries", {}).get(_key(dtype, d, threads))
-    supported = set(ext.supported_isas())
-    if entry and entry.get("isa") in supported and not force:
-        return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
-                            "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)))
-    layers = _gated_layers(sites)
-    ffn_bytes = sum(sum(t.numel() * t.element_size() for t in l) for l in layers)
-    cold = ffn_bytes >= COLD_FACTOR * last_level_cache_bytes()
-    if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not cold):
-        return current()
-    t0 = time.perf_counter()
-    before = cpu_sample()
-    gbps = measure(layers, dtype, d, keep=keep, compact=True)
-    busy = other_load(before, cpu_sample())
-    isa, nf, pf = choose(gbps)
-    faster_copy = compact_is_faster(gbps)
-    table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
-    logger.info("glass_kernels: decode tuning measured in %.1f s: %s, %d in flight, prefetch %d",
-                time.perf_counter() - t0, isa, nf, pf)
-    if busy is not None and busy > BUSY_CORES:
-        # A choice made while other processes competed for the memory system is noise: use it for
-        # this model, but do not keep it (the next patch on a quiet machine measures again).
-        logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
-                       "using it now but not caching it (`python -m glass_kernels tune` on a quiet machine)", busy)
-        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy)
-    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
-    doc["entries"][_key(dtype, d, threads)] = {
-        "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "gbps": table,
-        "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
-        "ffn_bytes": ffn_bytes, "cold": cold, "keep": keep,
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": software_versions(),
-    }
+def _write_cache(path: Path, doc: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -260,4 +276,215 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache costs a re-measurement next time, nothing else
         logger.warning("glass_kernels: could not write the tuning cache %s (%s)", path, e)
-    return DecodeTuning(isa, nf, pf, "measured", table, faster_copy)
+
+
+def _ffn_bytes(sites) -> int:
+    return sum(sum(t.numel() * t.element_size() for t in s.handler.weights(s.module)
+                   if isinstance(t, torch.Tensor)) for s in sites)
+
+
+def _layout_mode(sites, layout: str) -> str:
+    """What the layout request means for these sites: "auto" | "separate" | "bundled"."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "separate" and bundle_params(sites) is None:
+        if layout == "bundled":
+            names = sorted({type(s.module).__name__ for s in sites if s.handler.bundle_params(s.module) is None})
+            raise ValueError(f"layout=\"bundled\" is not possible for {', '.join(names)}: its weights are a fused "
+                             "parameter that one [D, n, d] block cannot hold as views; use layout=\"separate\"")
+        return "separate"
+    return layout
+
+
+def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force: bool = False,
+                     layout: str = "auto") -> DecodeTuning:
+    """The decode setting for a patched model's FFN sites: cached, measured or the defaults.
+
+    ``layout``: "separate" / "bundled" fix the weight layout, "auto" measures both and takes the
+    bundled one where it reads clearly faster (BUNDLED_MARGIN). Measuring converts the sites' weights
+    between the layouts in place; the caller then applies ``result.layout`` (``set_layout``).
+    ``force``: measure again even when a setting is cached (``python -m glass_kernels tune``)."""
+    if tune not in (True, False, "auto"):
+        raise ValueError(f"tune must be True, False or \"auto\", got {tune!r}")
+    ext = _ext()
+    mode = _layout_mode(sites, layout) if sites else "separate"
+    fixed = "separate" if mode == "auto" else mode  # the layout when nothing is measured or cached
+    if not ext.available() or not sites:
+        return DecodeTuning("none", 1, 0, "default", layout=fixed)
+    w = sites[0].handler.in_weight(sites[0].module)
+    dtype, d = w.dtype, int(sites[0].d)
+    threads = torch.get_num_threads()  # the ops run the core with torch's thread count
+    path = cache_file()
+    doc = _load_cache(path)
+    key = _key(dtype, d, threads, mode)
+    entry = doc.get("entries", {}).get(key)
+    supported = set(ext.supported_isas())
+    if entry and entry.get("isa") in supported and not force:
+        return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
+                            "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)),
+                            entry.get("layout", fixed))
+    layers = _gated_layers(sites)
+    ffn_bytes = _ffn_bytes(sites)
+    cold = ffn_bytes >= COLD_FACTOR * last_level_cache_bytes()
+    if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not cold):
+        c = current()
+        return dataclasses.replace(c, layout=fixed)
+    t0 = time.perf_counter()
+    before = cpu_sample()
+    gbps = measure_layouts(sites, dtype, d, ("separate", "bundled") if mode == "auto" else (mode,), keep=keep)
+    busy = other_load(before, cpu_sample())
+    isa, nf, pf, lay = choose(gbps)
+    faster_copy = compact_is_faster(gbps)
+    table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
+    logger.info("glass_kernels: decode tuning measured in %.1f s: %s, %d in flight, prefetch %d, %s rows",
+                time.perf_counter() - t0, isa, nf, pf, lay)
+    if busy is not None and busy > BUSY_CORES:
+        # A choice made while other processes competed for the memory system is noise: use it for
+        # this model, but do not keep it (the next patch on a quiet machine measures again).
+        logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
+                       "using it now but not caching it (`python -m glass_kernels tune` on a quiet machine)", busy)
+        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy, lay)
+    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
+    doc.setdefault("entries", {})[key] = {
+        "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": lay, "gbps": table,
+        "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
+        "ffn_bytes": ffn_bytes, "cold": cold, "keep": keep,
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": software_versions(),
+    }
+    _write_cache(path, doc)
+    return DecodeTuning(isa, nf, pf, "measured", table, faster_copy, lay)
+
+
+# -- the prompt's dense forward on relaid weights -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PromptCopy:
+    """From how many tokens a dense FFN forward runs on contiguous copies of the relaid weights.
+
+    A copy costs about the same for any number of tokens; a slow GEMM path on the views costs per
+    token. So the choice is a token count: forwards of at least ``min_tokens`` rows copy."""
+
+    min_tokens: float  # 0: always copy; inf: never
+    source: str  # "measured" | "cached" | "default" | "not relaid"
+    ms: dict | None = None  # measured: {"view": [ms at 1, 4 tokens], "copy": [...]}
+
+    @property
+    def copy(self) -> bool:
+        """Whether some forwards copy."""
+        return self.min_tokens != float("inf")
+
+    def applies(self, tokens: int) -> bool:
+        return tokens >= self.min_tokens
+
+    def describe(self) -> str:
+        if not self.copy:
+            how = "the relaid views"
+        elif self.min_tokens <= 1:
+            how = "contiguous copies, a layer at a time"
+        else:
+            how = f"contiguous copies from {math.ceil(self.min_tokens)} tokens on, a layer at a time"
+        return f"dense FFN forwards read {how} ({self.source})"
+
+
+PROMPT_TOKENS = (1, 8)  # the two input sizes whose times give each variant's fixed and per-token cost
+
+
+def _time_ms(fn, reps: int = 2) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def measure_prompt_copy(site, params, tokens: Sequence[int] = PROMPT_TOKENS) -> dict[str, list[float]]:
+    """ms of one layer's dense forward on the views ("view") and with contiguous copies ("copy",
+    the copy included), at each token count in ``tokens`` (after a warm-up call each).
+
+    The views are timed at the larger count only where they were faster than the copy at one token:
+    where torch's GEMM falls back to a slow path on them (bf16 on AVX2: ~130 ms per token for a
+    2048 x 8192 layer) one token already shows it, and more would make this measurement slow. Two
+    sizes separate each variant's fixed cost from its cost per token (``copy_threshold``)."""
+    from .ffn.layout import contiguous_params
+
+    h, m = site.handler, site.module
+    dtype = h.in_weight(m).dtype
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, list[float]] = {"view": [], "copy": []}
+
+    def dense(x):
+        h.output(m, h.hidden(m, x))
+
+    def with_copies(x):
+        with contiguous_params(params):
+            dense(x)
+
+    with torch.no_grad():
+        for i, t in enumerate(tokens):
+            x = torch.randn(1, t, site.d, generator=g).to(dtype)
+            for name, fn in (("copy", with_copies), ("view", dense)):
+                if name == "view" and i > 0 and out["view"][0] >= out["copy"][0]:
+                    continue  # slower already at one token: the slow path
+                fn(x)  # warm-up
+                out[name].append(_time_ms(lambda: fn(x)))
+    return out
+
+
+def copy_threshold(ms: dict[str, list[float]], tokens: Sequence[int] = PROMPT_TOKENS) -> float:
+    """The token count from which copying is faster: 0 if the copy won at the first count already
+    (the views' slow path), else where the straight lines through the two counts (fixed cost + cost
+    per token of each variant) cross; inf if they never do."""
+    if ms["copy"][0] <= ms["view"][0]:
+        return 0.0
+    t0, t1 = tokens[0], tokens[-1]
+    slope = {k: max(0.0, (v[-1] - v[0]) / (t1 - t0)) for k, v in ms.items()}
+    gain = slope["view"] - slope["copy"]  # what a copy saves per token
+    if gain <= 0:
+        return float("inf")
+    fixed = {k: v[0] - slope[k] * t0 for k, v in ms.items()}
+    return max(float(t0), (fixed["copy"] - fixed["view"]) / gain)
+
+
+def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str = "separate") -> PromptCopy:
+    """From how many tokens a patched model's dense FFN forwards copy its relaid weights back to
+    contiguous (the prompt; every step of method "dense").
+
+    ``params``: the parameters of ``sites[0]`` that patch gave another layout. Torch's CPU GEMM was as
+    fast on the views as on contiguous weights for fp32 here, but for bf16 on an AVX2 EPYC (torch
+    2.13) a transposed or strided weight took 10-70x longer. Measured once per CPU model, dtype,
+    shape, threads and layout (``measure_prompt_copy``, ~0.1-5 s), cached with the decode tuning,
+    under the same rule as the decode setting (``tune``; tiny models are not timed); without a
+    measurement fp16/bf16 on a CPU copy (a copy costs far less than the slow path where there is
+    one) and fp32 reads the views."""
+    if not sites or not params:
+        return PromptCopy(float("inf"), "not relaid")
+    w = sites[0].handler.in_weight(sites[0].module)
+    if w.device.type != "cpu":
+        return PromptCopy(float("inf"), "default")
+    d, D = int(sites[0].d), int(sites[0].D)
+    key = f"prompt/{_key(w.dtype, d, torch.get_num_threads(), layout)}/D{D}"
+    path = cache_file()
+    doc = _load_cache(path)
+    entry = doc.get("entries", {}).get(key)
+    if entry is not None:
+        return PromptCopy(float(entry["min_tokens"]), "cached", entry.get("ms"))
+    if tune is False or (tune == "auto" and _ffn_bytes(sites) < COLD_FACTOR * last_level_cache_bytes()):
+        # as for the decode setting, tiny (test) models are not timed: the default
+        return PromptCopy(0.0 if w.dtype != torch.float32 else float("inf"), "default")
+    before = cpu_sample()
+    ms = measure_prompt_copy(sites[0], params)
+    busy = other_load(before, cpu_sample())
+    min_tokens = copy_threshold(ms)
+    if busy is not None and busy > BUSY_CORES:  # used now, not kept (as the decode setting)
+        return PromptCopy(min_tokens, "measured on a busy machine, not cached", ms)
+    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
+    doc.setdefault("entries", {})[key] = {
+        "min_tokens": min_tokens, "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},
+        "tokens": list(PROMPT_TOKENS),
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": software_versions(),
+    }
+    _write_cache(path, doc)
+    return PromptCopy(min_tokens, "measured", ms)

@@ -84,38 +84,44 @@ PYBIND11_MODULE(_C, m) {
       "sparse_ffn",
       [](const std::string& dtype, const std::string& act, uintptr_t x, int64_t B, int64_t T,
          int64_t d, uintptr_t w_gate, uintptr_t w_up, uintptr_t w_down_t, int64_t D, uintptr_t idx,
-         int64_t k, bool idx_batched, uintptr_t y) {
+         int64_t k, bool idx_batched, uintptr_t y, int64_t ldw) {
         const glass_dtype dt = parse_dtype(dtype);
         const glass_activation a = parse_act(act);
         run_released([&] {
-          return glass_sparse_ffn(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_gate),
-                                  ptr<const void>(w_up), ptr<const void>(w_down_t), D,
-                                  ptr<const int32_t>(idx), k, idx_batched ? 1 : 0, ptr<void>(y));
+          return glass_sparse_ffn_strided(dt, a, ptr<const void>(x), B, T, d,
+                                          ptr<const void>(w_gate), ptr<const void>(w_up),
+                                          ptr<const void>(w_down_t), ldw == 0 ? d : ldw, D,
+                                          ptr<const int32_t>(idx), k, idx_batched ? 1 : 0,
+                                          ptr<void>(y));
         });
       },
       py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
       py::arg("d"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down_t"), py::arg("D"),
-      py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"),
-      "Gated sparse FFN into y [B,T,d]; idx int32 [k] or [B,k] (idx_batched).");
+      py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"), py::arg("ldw") = 0,
+      "Gated sparse FFN into y [B,T,d]; idx int32 [k] or [B,k] (idx_batched); weight rows ldw "
+      "elements apart (0: d, contiguous [D, d]).");
 
   m.def(
       "sparse_mlp",
       [](const std::string& dtype, const std::string& act, uintptr_t x, int64_t B, int64_t T,
          int64_t d, uintptr_t w_in, uintptr_t b_in, uintptr_t w_out_t, uintptr_t b_out, int64_t D,
-         uintptr_t idx, int64_t k, bool idx_batched, uintptr_t y) {
+         uintptr_t idx, int64_t k, bool idx_batched, uintptr_t y, int64_t ldw) {
         const glass_dtype dt = parse_dtype(dtype);
         const glass_activation a = parse_act(act);
         run_released([&] {
-          return glass_sparse_mlp(dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_in),
-                                  ptr<const void>(b_in), ptr<const void>(w_out_t),
-                                  ptr<const void>(b_out), D, ptr<const int32_t>(idx), k,
-                                  idx_batched ? 1 : 0, ptr<void>(y));
+          return glass_sparse_mlp_strided(dt, a, ptr<const void>(x), B, T, d,
+                                          ptr<const void>(w_in), ptr<const void>(b_in),
+                                          ptr<const void>(w_out_t), ptr<const void>(b_out),
+                                          ldw == 0 ? d : ldw, D, ptr<const int32_t>(idx), k,
+                                          idx_batched ? 1 : 0, ptr<void>(y));
         });
       },
       py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"), py::arg("T"),
       py::arg("d"), py::arg("w_in"), py::arg("b_in"), py::arg("w_out_t"), py::arg("b_out"),
       py::arg("D"), py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"),
-      "Non-gated sparse MLP into y [B,T,d]; b_in / b_out may be 0 (no bias).");
+      py::arg("ldw") = 0,
+      "Non-gated sparse MLP into y [B,T,d]; b_in / b_out may be 0 (no bias); weight rows ldw "
+      "elements apart (0: d).");
 
   m.def(
       "neuron_stats",

@@ -5,6 +5,9 @@
 - ``isa``: parametrised over the C++ ISA paths this machine supports; forces that path for the
   test and restores the previous one. Skips, with the reason, when the extension is missing.
 - ``assert_close_derived``: the tolerance rule of the project (see ``derived_tolerance``).
+- every test runs with a cache root of its own (autouse ``_private_cache``): what patch measures
+  and caches (decode tuning, prompt copies) never reaches the user's cache, nor leaks from one test
+  into another; the model and statistics caches are linked from the real root.
 """
 
 from __future__ import annotations
@@ -15,7 +18,21 @@ import pytest
 import torch
 
 from glass_kernels import _ext
+from glass_kernels.models import cache_dir
 from tolerances import assert_close_derived, derived_tolerance  # noqa: F401 (re-exported)
+
+
+_REAL_CACHE = cache_dir()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.mktemp("glass_cache")
+    for sub in ("models", "stats"):
+        (_REAL_CACHE / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub).symlink_to(_REAL_CACHE / sub, target_is_directory=True)
+    monkeypatch.setenv("GLASS_KERNELS_CACHE", str(root))
+    return root
 
 
 def _seed_for(nodeid: str) -> int:

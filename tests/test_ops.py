@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import glass_kernels
 from glass_kernels import _ext, ops, reference
+from glass_kernels.ffn.layout import bundled_views
 
 import backends
 from tolerances import assert_close_derived
@@ -182,6 +183,24 @@ def test_sparse_mlp(impl, case, bias, activation, dtype, rng):
     assert_close_derived(y, oracle, torch_same, f"sparse_mlp[{impl}]")
     assert_close_derived(reference.sparse_mlp(x, w_in, b_in, w_out, b_out, idx, activation), oracle,
                          torch_same, "reference.sparse_mlp")
+
+
+@pytest.mark.parametrize("case", [FFN_CASES[i] for i in (0, 2, 3, 6)], ids=[FFN_CASES[i][0] for i in (0, 2, 3, 6)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bundled_rows_read_the_same_values(impl, case, dtype, rng):
+    """Weights given as the views of one neuron-bundled [D, n, d] block (row stride n d) give the
+    same bits as the same values in contiguous tensors: only the addresses differ."""
+    _, B, T, d, D, k, batched, idt, dup = case
+    x = torch.randn(*((T, d) if B is None else (B, T, d)), generator=rng).to(dtype)
+    idx = _idx(rng, 1 if B is None else B, D, k, batched, idt, dup)
+    ws = _weights(rng, D, d, dtype)
+    bundled = bundled_views(ws)
+    assert bundled[0].stride() == (3 * d, 1) and ops.row_stride(bundled[2]) == 3 * d
+    torch.testing.assert_close(ops.sparse_ffn(x, *bundled, idx), ops.sparse_ffn(x, *ws, idx), rtol=0, atol=0)
+    b_in, b_out = torch.randn(D, generator=rng).to(dtype), torch.randn(d, generator=rng).to(dtype)
+    w_in, w_out = bundled_views(ws[:2])
+    torch.testing.assert_close(ops.sparse_mlp(x, w_in, b_in, w_out, b_out, idx, "gelu"),
+                               ops.sparse_mlp(x, ws[0], b_in, ws[1], b_out, idx, "gelu"), rtol=0, atol=0)
 
 
 def test_sparse_ffn_noncontiguous_x_and_shared_vs_batched(impl, rng):

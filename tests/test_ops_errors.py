@@ -66,10 +66,20 @@ def test_weight_rank():
     _raises(ValueError, "w_gate must be 2-D", ops.sparse_ffn, x, wg.reshape(-1), wu, wd, idx)
 
 
-def test_weight_not_contiguous():
+def test_weight_rows_not_contiguous():
     x, wg, wu, wd, idx = _ffn()
-    wt = torch.randn(d, D).t()  # [D, d] view, not contiguous
-    _raises(ValueError, "w_down_t must be contiguous", ops.sparse_ffn, x, wg, wu, wt, idx)
+    wt = torch.randn(d, D).t()  # [D, d] view whose rows are strided
+    _raises(ValueError, r"w_down_t must be \[D, d\] with contiguous rows", ops.sparse_ffn, x, wg, wu, wt, idx)
+    overlapping = torch.randn(D * d).as_strided((D, d), (d - 1, 1))  # rows closer than d apart
+    _raises(ValueError, "w_gate must be .* contiguous rows", ops.sparse_ffn, x, overlapping, wu, wd, idx)
+
+
+def test_weights_with_different_row_strides():
+    x, wg, wu, wd, idx = _ffn()
+    wide = torch.zeros(D, 2 * d)[:, :d].copy_(wu)  # rows 2d apart, gate's d apart
+    _raises(ValueError, "w_up's rows are 16 elements apart but w_gate's are 8", ops.sparse_ffn, x, wg, wide, wd, idx)
+    _raises(ValueError, "w_out_t's rows are 16 elements apart but w_in's are 8", ops.sparse_mlp,
+            x, wg, None, wide, None, idx)
 
 
 def test_x_rank_and_width():

@@ -98,9 +98,17 @@ def test_decode_tuning_is_validated(setting):
 # -- measuring, choosing, caching ----------------------------------------------------------------
 
 def test_choose_prefers_the_fastest_then_the_simplest():
-    assert tuning.choose({("avx2", 1, 0): 10.0, ("avx2", 4, 0): 15.0, ("avx2", 8, 8): 14.0}) == ("avx2", 4, 0)
+    assert tuning.choose({("avx2", 1, 0): 10.0, ("avx2", 4, 0): 15.0, ("avx2", 8, 8): 14.0}) == ("avx2", 4, 0, "separate")
     # within 2% of the best: fewer neurons in flight, then less prefetch
-    assert tuning.choose({("a", 8, 8): 15.0, ("a", 4, 4): 14.9, ("a", 4, 0): 14.8}) == ("a", 4, 0)
+    assert tuning.choose({("a", 8, 8): 15.0, ("a", 4, 4): 14.9, ("a", 4, 0): 14.8}) == ("a", 4, 0, "separate")
+
+
+def test_choose_takes_the_bundled_layout_only_with_a_margin():
+    sep = {("a", 4, 0): 10.0, ("a", 1, 0): 9.0}
+    assert tuning.choose({**sep, ("a", 8, 0, "bundled"): 10.1})[3] == "separate"  # within 2%
+    assert tuning.choose({**sep, ("a", 8, 0, "bundled"): 10.5}) == ("a", 8, 0, "bundled")
+    # the compacted copy is compared with the chosen (bundled) candidate
+    assert not tuning.compact_is_faster({**sep, ("a", 8, 0, "bundled"): 12.0, ("a", 1, 0, "compact"): 12.5})
 
 
 def test_measure_times_every_candidate_and_restores_the_setting(setting, rng):
@@ -129,13 +137,17 @@ def test_measured_once_then_cached(cache, setting, monkeypatch):
     monkeypatch.setattr(tuning, "measure", lambda *a, **k: calls.append(1) or real(*a, **{**k, "rounds": 1}))
     patch(model, method="griffin", keep=0.5, tune=True)
     t = session(model).decode_tuning
-    assert t.source == "measured" and len(calls) == 1 and t.isa in _ext.supported_isas()
+    # layout "auto": both layouts timed, alternating (separate, bundled, separate, bundled)
+    assert t.source == "measured" and len(calls) == 4 and t.isa in _ext.supported_isas()
+    assert {k.endswith("/bundled") for k in t.gbps} == {True, False} and t.layout in ("separate", "bundled")
+    assert session(model).layout == t.layout
     unpatch(model)
     doc = json.loads(tuning.cache_file().read_text())
-    entry = doc["entries"][f"float32/d{tm.D_MODEL}/t{torch.get_num_threads()}"]
+    entry = doc["entries"][f"float32/d{tm.D_MODEL}/t{torch.get_num_threads()}/auto"]
     assert entry["isa"] == t.isa and entry["versions"]["glass_kernels_commit"]
     patch(model, method="griffin", keep=0.5, tune=True)
-    assert session(model).decode_tuning.source == "cached" and len(calls) == 1
+    assert session(model).decode_tuning.source == "cached" and len(calls) == 4
+    assert session(model).layout == t.layout
     # the cached setting is what the core runs once a sequence decodes
     with torch.no_grad():
         out = model(torch.tensor([[5, 6, 7]]), use_cache=True)
@@ -221,7 +233,7 @@ def test_compact_is_faster_needs_a_clear_margin():
     assert not tuning.compact_is_faster(base)
     assert not tuning.compact_is_faster({**base, ("avx2", 4, 0, "compact"): 10.4})
     assert tuning.compact_is_faster({**base, ("avx2", 1, 0, "compact"): 10.6})
-    assert tuning.choose({**base, ("avx2", 1, 0, "compact"): 99.0}) == ("avx2", 4, 0)
+    assert tuning.choose({**base, ("avx2", 1, 0, "compact"): 99.0}) == ("avx2", 4, 0, "separate")
 
 
 def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(cache, setting, monkeypatch, caplog):

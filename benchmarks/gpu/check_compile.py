@@ -49,7 +49,7 @@ def _compile(fn, types: dict, consts: dict, arch: int, num_warps=4, num_stages=3
     assert not missing, f"{fn.__name__}: no type or value for {missing}"
     # the JIT's specialisation of pointers and of d: 16-divisible, so loads vectorise as they will
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n in ("d", "D")}
+             if sig[n].startswith("*") or n in ("d", "D", "ldw")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages,
@@ -70,7 +70,7 @@ def _usage(kernel) -> tuple[int, int]:
 def _ffn_types(dt: str) -> dict:
     p = f"*{_DT[dt]}"
     return {"x_ptr": p, "w1_ptr": p, "w3_ptr": p, "wo_ptr": p, "b1_ptr": p, "idx_ptr": "*i32",
-            "part_ptr": "*fp32", "B": "i32", "T": "i32", "d": "i32", "k": "i32",
+            "part_ptr": "*fp32", "B": "i32", "T": "i32", "d": "i32", "ldw": "i32", "k": "i32",
             "idx_stride_b": "i32", "npp": "i32", "D_BUCKET": "i32", "K_BUCKET": "i32"}
 
 

@@ -181,6 +181,7 @@ int main(void) {
   for (int i = 0; i < D; ++i) idx_all[i] = i;
 
   /* 4. Decode steps: sparse (k = D/2) and full (k = D) against the C reference. */
+  static float bundled[D][3][d];
   double worst_full = 0.0, worst_sparse = 0.0, sparse_vs_dense = 0.0;
   for (int s = 0; s < STEPS; ++s) {
     float x[d], y[d];
@@ -200,6 +201,22 @@ int main(void) {
     dense_ref(wg, wu, wd, x, sel, ref, mag);
     r = err_ratio(y, ref, mag, d + K);
     if (!(r <= worst_sparse)) worst_sparse = r;
+
+    /* The same weights in the neuron-bundled layout (glass.h): neuron i's gate, up and down rows
+     * adjacent in one [D, 3, d] block, read with the row stride ldw = 3 d: the same bits. */
+    {
+      float yb[d];
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < d; ++j) {
+          bundled[i][0][j] = wg[i * d + j];
+          bundled[i][1][j] = wu[i * d + j];
+          bundled[i][2][j] = wd[i * d + j];
+        }
+      st = glass_sparse_ffn_strided(GLASS_F32, GLASS_ACT_SILU, x, 1, 1, d, bundled[0][0], bundled[0][1],
+                                    bundled[0][2], 3 * d, D, idx, K, 0, yb);
+      CHECK(st == GLASS_OK, "glass_sparse_ffn_strided: status %d: %s", (int)st, glass_last_error());
+      CHECK(memcmp(yb, y, sizeof(yb)) == 0, "bundled layout differs from separate rows");
+    }
     for (int j = 0; j < d; ++j) {
       const double e = fabs(y[j] - full[j]);
       if (e > sparse_vs_dense) sparse_vs_dense = e;

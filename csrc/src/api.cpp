@@ -204,8 +204,13 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
       set_error("%s: %s = %lld must be > 0", what, s.n, static_cast<long long>(s.v));
       return GLASS_ERR_SIZE;
     }
+  if (a.ldw < a.d) {
+    set_error("%s: ldw = %lld (the weights' row stride) must be >= d = %lld", what,
+              static_cast<long long>(a.ldw), static_cast<long long>(a.d));
+    return GLASS_ERR_SIZE;
+  }
   int64_t bt, btd, dd, bk;
-  if (!mul_ok(a.B, a.T, &bt) || !mul_ok(bt, a.d, &btd) || !mul_ok(a.D, a.d, &dd) ||
+  if (!mul_ok(a.B, a.T, &bt) || !mul_ok(bt, a.d, &btd) || !mul_ok(a.D, a.ldw, &dd) ||
       !mul_ok(a.B, a.k, &bk)) {
     set_error("%s: sizes overflow int64", what);
     return GLASS_ERR_SIZE;
@@ -311,6 +316,15 @@ glass_status glass_sparse_ffn(glass_dtype dtype, glass_activation act, const voi
                               int64_t T, int64_t d, const void* w_gate, const void* w_up,
                               const void* w_down_t, int64_t D, const int32_t* idx, int64_t k,
                               int idx_batched, void* y) {
+  return glass_sparse_ffn_strided(dtype, act, x, B, T, d, w_gate, w_up, w_down_t, d, D, idx, k,
+                                  idx_batched, y);
+}
+
+glass_status glass_sparse_ffn_strided(glass_dtype dtype, glass_activation act, const void* x,
+                                      int64_t B, int64_t T, int64_t d, const void* w_gate,
+                                      const void* w_up, const void* w_down_t, int64_t ldw,
+                                      int64_t D, const int32_t* idx, int64_t k, int idx_batched,
+                                      void* y) {
   g_error[0] = '\0';
   GLASS_REQUIRE_PTR(x, "sparse_ffn");
   GLASS_REQUIRE_PTR(w_gate, "sparse_ffn");
@@ -323,7 +337,7 @@ glass_status glass_sparse_ffn(glass_dtype dtype, glass_activation act, const voi
   a.act = act;
   a.x = x;
   a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t;
+  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t; a.ldw = ldw;
   a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
   a.y = y;
   return run_ffn(dtype, a, "sparse_ffn");
@@ -333,6 +347,15 @@ glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act, const voi
                               int64_t T, int64_t d, const void* w_in, const void* b_in,
                               const void* w_out_t, const void* b_out, int64_t D,
                               const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  return glass_sparse_mlp_strided(dtype, act, x, B, T, d, w_in, b_in, w_out_t, b_out, d, D, idx, k,
+                                  idx_batched, y);
+}
+
+glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activation act, const void* x,
+                                      int64_t B, int64_t T, int64_t d, const void* w_in,
+                                      const void* b_in, const void* w_out_t, const void* b_out,
+                                      int64_t ldw, int64_t D, const int32_t* idx, int64_t k,
+                                      int idx_batched, void* y) {
   g_error[0] = '\0';
   GLASS_REQUIRE_PTR(x, "sparse_mlp");
   GLASS_REQUIRE_PTR(w_in, "sparse_mlp");
@@ -344,7 +367,7 @@ glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act, const voi
   a.act = act;
   a.x = x;
   a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out;
+  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out; a.ldw = ldw;
   a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
   a.y = y;
   return run_ffn(dtype, a, "sparse_mlp");

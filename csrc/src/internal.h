@@ -21,9 +21,10 @@ struct FfnArgs {
   glass_activation act;
   const void* x;           // [B, T, d]
   int64_t B, T, d, D;
-  const void* w1;          // W_gate or W_in [D, d]
-  const void* w2;          // W_up [D, d] (gated only)
-  const void* w3;          // W_down_t or W_out_t [D, d]
+  const void* w1;          // W_gate or W_in [D, d], rows ldw elements apart
+  const void* w2;          // W_up [D, d] (gated only), rows ldw apart
+  const void* w3;          // W_down_t or W_out_t [D, d], rows ldw apart
+  int64_t ldw;             // row stride of the weights in elements (>= d; 3d for the bundled layout)
   const void* b_in;        // [D] or null (non-gated only)
   const void* b_out;       // [d] or null (non-gated only)
   const int32_t* idx;      // [k] or [B, k]

@@ -397,6 +397,74 @@ void test_select() {
   std::printf("select_neurons: %d cases\n", n);
 }
 
+// The *_strided entry points read row i of each weight at w + i * ldw. Weights laid out as one
+// neuron-bundled block [D, n, d] (or with any ldw >= d) must give the same bits as the same values
+// in separate contiguous [D, d] arrays: only the addresses differ. The block is allocated exactly,
+// so a sanitizer build catches any read past its last row.
+void test_strided() {
+  std::mt19937 rng(77);
+  const int64_t shapes[][5] = {{1, 1, 7, 5, 5}, {1, 1, 64, 40, 13}, {2, 3, 33, 17, 9}, {1, 5, 130, 50, 50}};
+  const int settings[][2] = {{4, 0}, {1, 0}, {3, 2}};
+  size_t runs = 0;
+  for (glass_isa isa : supported_isas()) {
+    CHECK(glass_set_isa(isa) == GLASS_OK, "set_isa(%s)", glass_isa_name(isa));
+    for (auto& s : shapes)
+      for (glass_dtype dt : kDtypes)
+        for (int gated = 0; gated < 2; ++gated)
+          for (int64_t extra : {int64_t(0), int64_t(3)})  // ldw = n d (bundled) and a padded stride
+            for (auto& st : settings) {
+              const int64_t B = s[0], T = s[1], d = s[2], D = s[3], k = s[4], n = gated ? 3 : 2;
+              const int64_t ldw = n * d + extra;
+              const size_t es = dtype_size(dt);
+              Buf x(dt, B * T * d), bi(dt, D), bo(dt, d);
+              std::vector<Buf> w(n, Buf(dt, D * d));
+              fill(x, rng, 1.0f);
+              fill(bi, rng, 0.5f);
+              fill(bo, rng, 0.5f);
+              for (auto& m : w) fill(m, rng, 0.2f);
+              // the block: neuron i's rows at i * ldw + j * d, j = 0..n-1 (ends at the last row)
+              std::vector<uint8_t> block(((D - 1) * ldw + n * d) * es, 0xff);
+              for (int64_t i = 0; i < D; ++i)
+                for (int64_t j = 0; j < n; ++j)
+                  std::memcpy(&block[(i * ldw + j * d) * es], &w[j].raw[i * d * es], d * es);
+              std::vector<int32_t> idx(k);
+              std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(D - 1));
+              for (auto& v : idx) v = ud(rng);
+              Buf y1(dt, B * T * d), y2(dt, B * T * d);
+              const void* p0 = block.data();
+              const void* p1 = &block[d * es];
+              const void* p2 = &block[2 * d * es];
+              CHECK(glass_set_decode_tuning(st[0], st[1]) == GLASS_OK, "set_decode_tuning");
+              glass_status a, b;
+              if (gated) {
+                a = glass_sparse_ffn(dt, GLASS_ACT_SILU, x.data(), B, T, d, w[0].data(), w[1].data(),
+                                     w[2].data(), D, idx.data(), k, 0, y1.data());
+                b = glass_sparse_ffn_strided(dt, GLASS_ACT_SILU, x.data(), B, T, d, p0, p1, p2, ldw, D,
+                                             idx.data(), k, 0, y2.data());
+              } else {
+                a = glass_sparse_mlp(dt, GLASS_ACT_GELU, x.data(), B, T, d, w[0].data(), bi.data(),
+                                     w[1].data(), bo.data(), D, idx.data(), k, 0, y1.data());
+                b = glass_sparse_mlp_strided(dt, GLASS_ACT_GELU, x.data(), B, T, d, p0, bi.data(), p1,
+                                             bo.data(), ldw, D, idx.data(), k, 0, y2.data());
+              }
+              CHECK(a == GLASS_OK && b == GLASS_OK, "strided status %d %d: %s", a, b, glass_last_error());
+              CHECK(y1.raw == y2.raw, "%s: ldw %lld differs from separate rows (d %lld, gated %d)",
+                    glass_isa_name(isa), static_cast<long long>(ldw), static_cast<long long>(d), gated);
+              ++runs;
+            }
+  }
+  glass_set_isa(GLASS_ISA_AUTO);
+  glass_set_decode_tuning(settings[0][0], settings[0][1]);
+  float xf[8] = {0}, wt[64] = {0}, yf[8];
+  int32_t two[2] = {0, 1};
+  CHECK(glass_sparse_ffn_strided(GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 8, wt, wt, wt, 7, 4, two, 2, 0, yf) ==
+            GLASS_ERR_SIZE, "ldw < d");
+  CHECK(std::strstr(glass_last_error(), "ldw") != nullptr, "message names ldw: %s", glass_last_error());
+  CHECK(glass_sparse_mlp_strided(GLASS_F32, GLASS_ACT_GELU, xf, 1, 1, 8, wt, nullptr, wt, nullptr, INT64_MAX, 4,
+                                 two, 2, 0, yf) == GLASS_ERR_SIZE, "D * ldw overflows");
+  std::printf("strided weights: %zu runs bitwise equal to separate rows\n", runs);
+}
+
 void test_errors() {
   float xf[8] = {0}, w[64] = {0}, y[8];
   int32_t idx[2] = {0, 1};
@@ -511,6 +579,7 @@ int main(int argc, char** argv) {
   test_select();
   test_stats();
   test_ffn();
+  test_strided();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

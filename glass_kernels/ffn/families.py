@@ -67,6 +67,9 @@ class GatedMLPHandler(FFNHandler):
         p = module.down_proj.weight
         return [p] if make_neuron_major(p) else []
 
+    def bundle_params(self, module):
+        return [(module.gate_proj.weight, False), (module.up_proj.weight, False), (module.down_proj.weight, True)]
+
 
 @register_handler(f"{_T}.phi3.modeling_phi3.Phi3MLP")
 class Phi3MLPHandler(FFNHandler):
@@ -149,6 +152,9 @@ class GPT2MLPHandler(FFNHandler):
         p = module.c_fc.weight  # [d, D] -> neuron-major [D, d] storage; c_proj already is
         return [p] if make_neuron_major(p) else []
 
+    def bundle_params(self, module):
+        return [(module.c_fc.weight, True), (module.c_proj.weight, False)]  # Conv1D: [in, out]
+
 
 class GlassPassthrough(nn.Module):
     """Stands in for OPT's activation_fn / fc2 while patched: the GlassFFN installed as fc1 has
@@ -217,6 +223,9 @@ class OPTLayerHandler(FFNHandler):
     def relayout(self, module):
         p = self._orig(module, "fc2").weight
         return [p] if make_neuron_major(p) else []
+
+    def bundle_params(self, module):
+        return [(self._orig(module, "fc1").weight, False), (self._orig(module, "fc2").weight, True)]
 
     def install(self, parent, attr, module, glass):
         glass.originals = {"fc1": module.fc1, "activation_fn": module.activation_fn, "fc2": module.fc2}

@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .layout import make_neuron_major, restore as restore_row_major  # noqa: F401  (re-exported)
+
 __all__ = [
     "FFNHandler",
     "FFNSite",
@@ -141,30 +143,17 @@ class FFNHandler:
         becomes its transposed view. Returns the parameters changed (for restore)."""
         return []
 
+    def bundle_params(self, module: nn.Module) -> list[tuple[nn.Parameter, bool]] | None:
+        """The parameters the neuron-bundled layout puts in one [D, n, d] block, in operand order
+        (gated: gate, up, down; non-gated: in, out), each with whether its neurons are columns
+        (a [d, D] weight such as W_down). None: this family cannot be bundled (a fused parameter)."""
+        return None
+
     def install(self, parent: nn.Module, attr: str, module: nn.Module, glass: nn.Module) -> None:
         setattr(parent, attr, glass)
 
     def uninstall(self, parent: nn.Module, attr: str, module: nn.Module, glass: nn.Module) -> None:
         setattr(parent, attr, module)
-
-
-def make_neuron_major(param: nn.Parameter) -> bool:
-    """Store a [d, D] parameter as a contiguous [D, d] tensor; the parameter becomes its .t() view.
-
-    One copy at a time (the old storage is freed when the parameter lets go of it), so patching
-    never holds two copies of the FFN weights. Returns False if it already had that layout.
-    """
-    if param.dim() != 2 or param.t().is_contiguous():
-        return False
-    with torch.no_grad():
-        param.data = param.data.t().contiguous().t()
-    return True
-
-
-def restore_row_major(param: nn.Parameter) -> None:
-    """Undo make_neuron_major: a contiguous [d, D] tensor again (same values, bit for bit)."""
-    with torch.no_grad():
-        param.data = param.data.contiguous()
 
 
 @dataclasses.dataclass

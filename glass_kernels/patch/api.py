@@ -21,7 +21,7 @@ class _PatchRecord:
     def __init__(self, state, sites, relaid, hooks):
         self.state = state
         self.sites = sites
-        self.relaid = relaid  # per site: parameters given the neuron-major layout
+        self.relaid = relaid  # per site: parameters given another layout (restored by unpatch)
         self.hooks = hooks
 
 
@@ -51,9 +51,12 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         calibrate_options: keyword arguments for that ``calibrate`` call (e.g. ``num_sequences``,
             ``seq_len``, ``progress``).
 
-    Every supported FFN is replaced by a GlassFFN (shown by ``print(model)``); W_down (GPT-2:
-    c_fc, OPT: fc2) gets neuron-major storage with the original parameter as its transposed
-    view, so no weight is duplicated. Patching an already patched model raises RuntimeError:
+    Every supported FFN is replaced by a GlassFFN (shown by ``print(model)``); its weights get the
+    layout the decode kernel reads (``GlassConfig.layout``: W_down (GPT-2: c_fc, OPT: fc2) as
+    neuron-major storage, or every neuron's rows bundled in one [D, n, d] block), in place, the
+    original parameters becoming views of it, so no weight is duplicated. The prompt's dense forward
+    runs on the views, or on contiguous copies made a layer at a time where that measured faster
+    (``session(model).prompt_copy``). Patching an already patched model raises RuntimeError:
     ``unpatch`` first. ``unpatch(model)`` restores the original modules and weight layout.
 
     Memory overhead (the weights are not copied; ``session(model).memory_overhead()`` reports
@@ -61,8 +64,9 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
     (i-glass); per prompt, fp32 local statistics [B, D] and int32 neuron sets [B, k]. Measured on
     SmolLM2-135M-Instruct (fp32, 513 MiB of parameters, 30 layers, D = 1536), B = 1, keep 0.5:
     a-glass 0.44 MiB (0.086% of the model), i-glass 0.62 MiB (0.12%); each further sequence of a
-    batch adds 0.26 MiB. While patching, one layer's W_down is briefly held twice (the relayout
-    copy), 3.4 MiB for SmolLM2.
+    batch adds 0.26 MiB. While patching, one layer's weights are briefly held twice (the relayout
+    copy), 3.4 MiB (W_down) or 10.1 MiB (bundled) for SmolLM2; with prompt copies, one layer's
+    relaid weights are copied for the duration of its prompt forward.
     """
     if isinstance(model, type) or not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module instance (not a class), got {model!r}")
@@ -97,11 +101,14 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
 
     state = GlassState(model, sites, config, stats)
     installed, relaid = _install(model, sites, state)
-    # After the relayout: the measurement reads the neuron-major rows the decode path will read.
-    from .. import tuning
-
-    state.decode_tuning = tuning.tuning_for_model(sites, config.tune, config.keep)
-    logger.info("glass_kernels: decode tuning %s", state.decode_tuning.describe())
+    try:
+        _choose_layout(sites, installed, relaid, state, config)
+    except BaseException:
+        # every parameter the layouts may have touched (a failure may come half-way through bundling)
+        _restore_layout(relaid + [[p for p, _ in s.handler.bundle_params(s.module) or []] for s in sites])
+        for site, parent, attr, glass in reversed(installed):
+            site.handler.uninstall(parent, attr, site.module, glass)
+        raise
     hooks = [
         model.register_forward_pre_hook(state.pre_hook, with_kwargs=True),
         # always_call: the backend context opened by the pre-hook is closed even if forward raises.
@@ -135,6 +142,32 @@ def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
                 restore_row_major(p)
         raise
     return installed, relaid
+
+
+def _choose_layout(sites, installed, relaid, state: GlassState, config: GlassConfig) -> None:
+    """Decode tuning (which may time both layouts, converting the weights in place), the chosen
+    layout applied, and whether the prompt forward runs on contiguous copies of the relaid weights."""
+    from .. import tuning
+
+    state.decode_tuning = t = tuning.tuning_for_model(sites, config.tune, config.keep, layout=config.layout)
+    if tuning.bundle_params(sites) is not None:
+        tuning.set_layout(sites, t.layout)
+        if t.layout == "bundled":
+            for i, s in enumerate(sites):
+                seen = {id(p) for p in relaid[i]}
+                relaid[i] += [p for p, _ in s.handler.bundle_params(s.module) if id(p) not in seen]
+    state.prompt_copy = tuning.prompt_copy_for_model(sites, relaid[0], config.tune, t.layout)
+    for (site, _, _, glass), params in zip(installed, relaid):
+        glass.__dict__["relaid"] = params if state.prompt_copy.copy else []
+    logger.info("glass_kernels: decode tuning %s; %s", t.describe(), state.prompt_copy.describe())
+
+
+def _restore_layout(relaid) -> None:
+    from ..ffn import restore_row_major
+
+    for ps in relaid:
+        for p in ps:
+            restore_row_major(p)
 
 
 def _wrap_generate(model: nn.Module, state: GlassState) -> None:
@@ -192,15 +225,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     rec = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
     if rec is None:
         raise ValueError("model is not patched by glass_kernels")
-    from ..ffn import restore_row_major
-
     for h in rec.hooks:
         h.remove()
     for site, parent, attr, glass in reversed(rec.sites):
         site.handler.uninstall(parent, attr, site.module, glass)
-    for ps in rec.relaid:
-        for p in ps:
-            restore_row_major(p)
+    _restore_layout(rec.relaid)
     _unwrap_generate(model)
     rec.state.reset()
     del model.__dict__[_ATTR]

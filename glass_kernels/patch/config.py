@@ -8,6 +8,7 @@ import math
 METHODS = ("a-glass", "i-glass", "griffin", "global", "random", "dense")
 from ..backend import BACKENDS
 STRATEGIES = ("gather", "compact", "auto")
+LAYOUTS = ("auto", "separate", "bundled")
 
 # Methods whose selection needs the offline global statistics (GlobalStats).
 NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
@@ -40,6 +41,12 @@ class GlassConfig:
              takes the copy only where the decode tuning measured it faster than in-place reads on
              this machine. A copy needs one neuron set for all rows (B = 1, or rows sharing a set);
              per-sequence sets always gather. ``session(model).strategy`` says which ran.
+    layout:  the FFN weights' storage while patched (glass_kernels.ffn.layout; always in place, the
+             parameters become views, ``unpatch`` restores the original bit for bit): "separate"
+             (each operand [D, d]; W_down transposed), "bundled" (one [D, n, d] block per layer,
+             neuron i's gate, up and down rows adjacent: one read per selected neuron), "auto"
+             (bundled where the decode tuning measured it > 2% faster on this machine, else
+             separate). Families whose FFN is one fused parameter (Phi-3) are always separate.
     tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
              glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
              (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
@@ -54,6 +61,7 @@ class GlassConfig:
     seed: int = 0
     strategy: str = "gather"
     tune: bool | str = "auto"
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +80,8 @@ class GlassConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.tune not in (True, False, "auto"):
             raise ValueError(f"tune must be True, False or \"auto\", got {self.tune!r}")
 

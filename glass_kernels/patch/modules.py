@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ffn import FFNSite
+from ..ffn.layout import contiguous_params
 
 
 class GlassFFN(nn.Module):
@@ -32,6 +33,7 @@ class GlassFFN(nn.Module):
         self.__dict__["site"] = site
         self.__dict__["state"] = state
         self.__dict__["originals"] = {}
+        self.__dict__["relaid"] = []  # parameters the prompt forward copies to contiguous (set by patch)
         self.layer = site.layer
         self.kind = site.handler.kind
         self.flattens = getattr(site.handler, "flattens_tokens", False)
@@ -41,6 +43,14 @@ class GlassFFN(nn.Module):
         if st.sparse:
             return st.sparse_forward(self.layer, x, self.flattens)
         site = self.site
+        # torch's GEMM may be slow on the relaid views (tuning.prompt_copy_for_model): from some
+        # number of tokens on, a contiguous copy of this layer's weights costs less.
+        if self.relaid and st.prompt_copy.applies(x.numel() // x.shape[-1]):
+            with contiguous_params(self.relaid):
+                return self._dense(site, st, x)
+        return self._dense(site, st, x)
+
+    def _dense(self, site: FFNSite, st, x: torch.Tensor) -> torch.Tensor:
         h = site.handler.hidden(site.module, x)
         if st.collect:
             st.accumulate(self.layer, h)

@@ -92,6 +92,7 @@ class GlassState:
         self._forward_thread: int | None = None
         self._sequence_thread: int | None = None
         self.decode_tuning = None  # tuning.DecodeTuning, set by patch() (None: the core's own)
+        self.prompt_copy = None  # tuning.PromptCopy, set by patch()
         self.reset()
 
     def warn_once(self, key: str, msg: str) -> None:
@@ -495,6 +496,18 @@ class Session:
     def strategy(self) -> str | None:
         """How the current sets are read: "gather" (in place) or "compact" (a per-prompt copy)."""
         return self._state.plan.strategy if self._state.plan is not None else None
+
+    @property
+    def layout(self) -> str:
+        """The FFN weights' layout while patched: "separate" or "bundled" (GlassConfig.layout)."""
+        t = self._state.decode_tuning
+        return t.layout if t is not None else "separate"
+
+    @property
+    def prompt_copy(self):
+        """Whether the prompt's dense forward copies the relaid weights to contiguous (a
+        tuning.PromptCopy: ``.copy``, ``.source``, the measured times)."""
+        return self._state.prompt_copy
 
     @property
     def decode_tuning(self):

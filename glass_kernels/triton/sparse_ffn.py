@@ -76,7 +76,7 @@ def _accumulate(acc, xt, w, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 @triton.jit
 def _sparse_ffn_kernel(
     x_ptr, w1_ptr, w3_ptr, wo_ptr, b1_ptr, idx_ptr, part_ptr,
-    B, T, d, k, idx_stride_b, npp,
+    B, T, d, ldw, k, idx_stride_b, npp,
     D_BUCKET, K_BUCKET,  # autotune keys only
     GATED: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr,
     BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
@@ -98,7 +98,7 @@ def _sparse_ffn_kernel(
         mask_k = offs_k < k
         # int64 row offsets: D * d can pass 2**31 elements on large models.
         ridx = tl.load(idx_ptr + b * idx_stride_b + offs_k, mask=mask_k, other=0).to(tl.int64)
-        rows = ridx * d
+        rows = ridx * ldw  # weight rows are ldw apart (d, or 3d / 2d in the neuron-bundled layout)
 
         # Broadcast path: keep [BLOCK_T, BLOCK_K, BLOCK_D] fp32 partial products and reduce over d
         # once after the loop (one cross-lane reduction per block instead of one per d chunk).
@@ -260,7 +260,7 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
     part = torch.empty((n_split, B, T, d), device=x.device, dtype=torch.float32)
     dummy = x3  # never read: HAS_B1 / HAS_BO are constexpr False
     args = (x3, w1, w3 if gated else w1, wo, b1 if b1 is not None else dummy, idx, part,
-            B, T, d, k, idx_stride_b, p["npp"], bucket(D), bucket(k))
+            B, T, d, w1.stride(0), k, idx_stride_b, p["npp"], bucket(D), bucket(k))
     meta = dict(GATED=gated, HAS_B1=b1 is not None, ACT=act, BLOCK_T=p["BLOCK_T"],
                 USE_DOT=p["USE_DOT"], DOT_F32=p["interp"] or x.dtype == torch.float32)
     grid_main = (n_split, B, p["n_t"])
@@ -282,7 +282,8 @@ def sparse_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
                idx: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """Gated sparse FFN over the neurons ``idx`` ([k] shared or [B, k] per sequence).
 
-    x [B, T, d] or [T, d]; weights [D, d] neuron-major; inputs already validated by ops.py.
+    x [B, T, d] or [T, d]; weights [D, d] neuron-major, rows one common stride apart (contiguous,
+    or views of the neuron-bundled [D, 3, d] block); inputs already validated by ops.py.
     Returns y with x's shape and dtype, accumulated in fp32.
     """
     return _sparse_launch(x, w_gate, w_up, w_down_t, None, None, idx, activation, gated=True)

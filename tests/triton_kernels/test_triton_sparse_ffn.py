@@ -77,6 +77,22 @@ def test_sparse_ffn_matches_oracle(case, dtype, device):
         oracles.check(ref, oracle, native, f"reference.sparse_ffn {case} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [GATED_CASES[2], GATED_CASES[3]], ids=["B2T3-perseq", "T17-dot"])
+def test_bundled_rows_give_the_same_bits(case, dtype, device):
+    """Weights as the views of one neuron-bundled [D, 3, d] block (row stride 3d, the kernel's ldw)
+    read the same values as contiguous tensors: the same bits."""
+    B, T, d, D, k, batched, act = case
+    gen = torch.Generator().manual_seed(2000 + d + k)
+    x = torch.randn(B, T, d, generator=gen).to(dtype).to(device)
+    ws = _weights(3, D, d, dtype, gen, device)
+    block = torch.stack(ws, dim=1)  # [D, 3, d]
+    views = [block[:, j] for j in range(3)]
+    assert views[0].stride() == (3 * d, 1)
+    idx = _idx(B, D, k, batched, gen, device)
+    assert torch.equal(triton_sparse_ffn(x, *views, idx, act), triton_sparse_ffn(x, *ws, idx, act))
+
+
 MLP_CASES = [
     (1, 1, 37, 40, 40, False, "gelu", True),
     (2, 3, 37, 40, 5, True, "relu", True),

@@ -5,8 +5,15 @@
  * (OpenMP only); every function validates its arguments and returns a glass_status. On error
  * glass_last_error() returns a thread-local message naming the argument.
  *
- * Layout (neuron-major): neuron i owns row i of every weight matrix, all contiguous [D, d]:
+ * Layout (neuron-major): neuron i owns row i of every weight matrix, [D, d] each:
  * gated: W_gate, W_up, W_down_t (= W_down^T); non-gated: W_in (+ b_in[i]), W_out_t (= W_out^T).
+ * The *_strided functions take the rows' stride ldw (in elements, >= d, the same for every weight
+ * matrix of the call): row i of W starts at W + i * ldw. Two layouts are common:
+ *   separate: each matrix contiguous [D, d], ldw = d (what glass_sparse_ffn / _mlp assume);
+ *   neuron-bundled: one [D, 3, d] block (gated) or [D, 2, d] (non-gated) holding neuron i's
+ *     gate, up and down rows next to each other: w_gate = P, w_up = P + d, w_down_t = P + 2d,
+ *     ldw = 3d (w_in = P, w_out_t = P + d, ldw = 2d). One neuron is then one contiguous read of
+ *     3 d (2 d) elements, which some memory systems serve faster than three rows far apart.
  * Activations x / y / h and biases have the weights' dtype; accumulation is fp32.
  */
 #ifndef GLASS_GLASS_H
@@ -73,6 +80,14 @@ GLASS_API glass_status glass_sparse_ffn(glass_dtype dtype, glass_activation act,
                                         const void* w_up, const void* w_down_t, int64_t D,
                                         const int32_t* idx, int64_t k, int idx_batched, void* y);
 
+/* glass_sparse_ffn over weight rows ldw elements apart (ldw >= d, else GLASS_ERR_SIZE). */
+GLASS_API glass_status glass_sparse_ffn_strided(glass_dtype dtype, glass_activation act,
+                                                const void* x, int64_t B, int64_t T, int64_t d,
+                                                const void* w_gate, const void* w_up,
+                                                const void* w_down_t, int64_t ldw, int64_t D,
+                                                const int32_t* idx, int64_t k, int idx_batched,
+                                                void* y);
+
 /*
  * Non-gated sparse MLP: y[b,t] = sum_{i in idx_b} act(W_in[i].x[b,t] + b_in[i]) * W_out_t[i] + b_out
  * b_in [D] and b_out [d] (model dtype) may be NULL (treated as zero).
@@ -82,6 +97,14 @@ GLASS_API glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act,
                                         const void* b_in, const void* w_out_t, const void* b_out,
                                         int64_t D, const int32_t* idx, int64_t k, int idx_batched,
                                         void* y);
+
+/* glass_sparse_mlp over weight rows ldw elements apart (ldw >= d, else GLASS_ERR_SIZE). */
+GLASS_API glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activation act,
+                                                const void* x, int64_t B, int64_t T, int64_t d,
+                                                const void* w_in, const void* b_in,
+                                                const void* w_out_t, const void* b_out,
+                                                int64_t ldw, int64_t D, const int32_t* idx,
+                                                int64_t k, int idx_batched, void* y);
 
 /*
  * Neuron statistics (GRIFFIN's, docs/method.md), ADDED into out fp32 [B, D]:

@@ -1,0 +1,196 @@
+"""The weight layouts patch gives the FFN (separate or neuron-bundled), how the dense forward reads
+them (views or contiguous copies), and that unpatch restores the original storage bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import glass_kernels
+from glass_kernels import hf_compat, patch, session, tuning, unpatch
+from glass_kernels.ffn import find_ffn_sites, is_patched
+from glass_kernels.ffn.layout import is_bundled
+
+import tiny_models as tm
+
+BUNDLEABLE = [f for f in tm.FAMILIES if f != "phi3"]  # Phi-3's gate and up are one fused parameter
+IDS, NEXT = torch.tensor([[5, 9, 17, 3, 8]]), torch.tensor([[11]])
+
+
+def _snapshot(model):
+    return {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+
+
+def _same_storage_as(model, snap) -> bool:
+    now = model.state_dict()
+    return now.keys() == snap.keys() and all(
+        torch.equal(now[k], v) and now[k].stride() == s and now[k].dtype == v.dtype for k, (v, s) in snap.items())
+
+
+def _prompt_and_step(model):
+    with torch.no_grad():
+        out = model(IDS, use_cache=True)
+        step = model(NEXT, **hf_compat.cache_kwargs(model, hf_compat.output_cache(out)))
+    return out.logits, step.logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", BUNDLEABLE)
+def test_bundled_layout_decodes_the_same_bits_and_unpatch_restores_it(family, dtype):
+    model = tm.build(family, dtype=dtype)
+    snap = _snapshot(model)
+    got = {}
+    for layout in ("separate", "bundled"):
+        patch(model, method="griffin", keep=0.5, layout=layout, tune=False)
+        assert session(model).layout == layout
+        sites = find_ffn_sites(model)
+        assert all(is_bundled(s.handler.bundle_params(s.module)) == (layout == "bundled") for s in sites)
+        got[layout] = _prompt_and_step(model)
+        unpatch(model)
+        assert _same_storage_as(model, snap), f"unpatch after layout={layout} changed the weights"
+    # the kernel reads the same values in the same order, from other addresses: the same bits
+    torch.testing.assert_close(got["bundled"][1], got["separate"][1], rtol=0, atol=0)
+    torch.testing.assert_close(got["bundled"][0], got["separate"][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_bundled_keep_one_matches_the_dense_model(family):
+    model = tm.build(family)
+    with torch.no_grad():
+        dense = model.generate(IDS, max_new_tokens=6, do_sample=False)
+    patch(model, method="griffin", keep=1.0, layout="bundled", tune=False)
+    with torch.no_grad():
+        sparse = model.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert session(model).counters()["sparse"] == 5
+    unpatch(model)
+    assert torch.equal(dense, sparse)
+
+
+def test_a_fused_family_cannot_be_bundled_and_auto_keeps_it_separate():
+    model = tm.build("phi3")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="layout=\"bundled\" is not possible for Phi3MLP"):
+        patch(model, method="griffin", keep=0.5, layout="bundled", tune=False)
+    assert _same_storage_as(model, snap) and not is_patched(model)
+    patch(model, method="griffin", keep=0.5, layout="auto", tune=True)
+    assert session(model).layout == "separate"
+    unpatch(model)
+
+
+def test_layout_argument_is_checked():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        glass_kernels.GlassConfig(layout="interleaved")
+
+
+@pytest.mark.parametrize("faster", ["bundled", "separate"])
+def test_auto_applies_the_layout_the_measurement_chose(faster, monkeypatch, tmp_path):
+    monkeypatch.setenv("GLASS_KERNELS_CACHE", str(tmp_path))
+    timed = []
+
+    def fake_measure(layers, dtype, d, keep=0.5, rounds=5, seed=0, compact=False):
+        bundled = layers[0][0].stride(0) == 3 * d  # the views of the block
+        timed.append("bundled" if bundled else "separate")
+        fast = (faster == "bundled") == bundled
+        return {("scalar", 1, 0): 20.0 if fast else 10.0}
+
+    monkeypatch.setattr(tuning, "measure", fake_measure)
+    model = tm.build("qwen3")
+    snap = _snapshot(model)
+    patch(model, method="griffin", keep=0.5, layout="auto", tune=True)
+    assert timed == ["separate", "bundled", "separate", "bundled"]  # alternating phases
+    assert session(model).layout == faster == session(model).decode_tuning.layout
+    sites = find_ffn_sites(model)
+    assert all(is_bundled(s.handler.bundle_params(s.module)) == (faster == "bundled") for s in sites)
+    unpatch(model)
+    assert _same_storage_as(model, snap)
+
+
+# -- the dense forward on relaid weights: views or contiguous copies ----------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["separate", "bundled"])
+def test_prompt_copies_compute_exactly_what_the_unpatched_model_computes(layout, dtype):
+    model = tm.build("llama", dtype=dtype)
+    with torch.no_grad():
+        want = model(IDS).logits
+    patch(model, method="dense", layout=layout, tune=False)
+    state = session(model)._state
+    params = [p for s in find_ffn_sites(model) for p in s.module.parameters()]
+    ptrs = [p.data_ptr() for p in params]
+    state.prompt_copy = tuning.PromptCopy(0.0, "test")  # always copy
+    _set_relaid(model)
+    with torch.no_grad():
+        got = model(IDS).logits
+    # the copies were the unpatched layout: the same arithmetic, the same bits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [p.data_ptr() for p in params] == ptrs  # the views are back after each forward
+    state.prompt_copy = tuning.PromptCopy(math.inf, "test")  # never: the views (close, not exact)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, want, rtol=2e-2, atol=2e-2)
+    unpatch(model)
+
+
+def _set_relaid(model):
+    """What patch does once prompt_copy is known: each GlassFFN gets its relaid parameters."""
+    from glass_kernels.patch.api import _ATTR
+
+    rec = model.__dict__[_ATTR]
+    for (_, _, _, glass), params in zip(rec.sites, rec.relaid):
+        glass.__dict__["relaid"] = params
+
+
+def test_prompt_copy_applies_from_its_token_count():
+    pc = tuning.PromptCopy(8.0, "test")
+    assert pc.copy and not pc.applies(7) and pc.applies(8)
+    assert not tuning.PromptCopy(math.inf, "test").copy
+    assert tuning.PromptCopy(0.0, "test").applies(1)
+
+
+def test_copy_threshold_from_two_token_counts():
+    # the views already slower at one token: the slow path, copy always
+    assert tuning.copy_threshold({"copy": [1.0, 2.0], "view": [3.0, 40.0]}) == 0.0
+    # views faster at both counts, and no cheaper per token: never
+    assert tuning.copy_threshold({"copy": [3.0, 5.0], "view": [1.0, 2.0]}) == math.inf
+    # views cheaper at one token, dearer per token: where the two lines cross (at 3 tokens)
+    # (copy: 1.9 + 0.1 t, views: 0 + 1.0 t)
+    assert tuning.copy_threshold({"copy": [2.0, 2.7], "view": [1.0, 8.0]}) == pytest.approx(1.9 / 0.9)
+
+
+def test_prompt_copy_default_without_a_measurement():
+    for dtype, copies in ((torch.float32, False), (torch.bfloat16, True)):
+        model = tm.build("llama", dtype=dtype)
+        patch(model, method="griffin", keep=0.5, tune=False)
+        pc = session(model).prompt_copy
+        assert pc.source == "default" and pc.copy == copies
+        unpatch(model)
+
+
+def test_prompt_copy_is_measured_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLASS_KERNELS_CACHE", str(tmp_path))
+    model = tm.build("llama", dtype=torch.bfloat16)
+    patch(model, method="griffin", keep=0.5, layout="separate", tune=True)
+    pc = session(model).prompt_copy
+    assert pc.source == "measured" and len(pc.ms["copy"]) == 2
+    unpatch(model)
+    patch(model, method="griffin", keep=0.5, layout="separate", tune=True)
+    assert session(model).prompt_copy.source == "cached"
+    assert session(model).prompt_copy.min_tokens == pc.min_tokens
+    unpatch(model)
+
+
+def test_a_failure_after_the_relayout_restores_everything(monkeypatch):
+    model = tm.build("mistral")
+    snap = _snapshot(model)
+    modules = [type(m).__name__ for m in model.modules()]
+
+    def boom(*a, **k):
+        raise RuntimeError("measurement failed")
+
+    monkeypatch.setattr(tuning, "prompt_copy_for_model", boom)
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        patch(model, method="griffin", keep=0.5, layout="bundled", tune=False)
+    assert _same_storage_as(model, snap)
+    assert [type(m).__name__ for m in model.modules()] == modules
+    assert not is_patched(model)
