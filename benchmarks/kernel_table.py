@@ -17,10 +17,15 @@ def _fmt_ms(s: float) -> str:
 
 def tables(data: dict) -> str:
     benches = data.get("benchmarks", [])
-    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse1", "sparse", "bundled")]
+    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse1", "sparse", "bundled",
+                                                                    "q8_0", "q4_0")]
     # the run's STREAM-like read per thread count: each decode case as a fraction of it
-    stream = {b["extra_info"].get("threads"): b["extra_info"].get("gbps") for b in benches
-              if b["extra_info"].get("impl") == "stream_sum"}
+    # (the faster of torch.sum and the plain read probe: the strongest baseline of the run)
+    stream: dict = {}
+    for b in benches:
+        e = b["extra_info"]
+        if e.get("impl") in ("stream_sum", "stream_read") and e.get("gbps"):
+            stream[e.get("threads")] = max(stream.get(e.get("threads"), 0.0), e["gbps"])
     other = [b for b in benches if b not in decode]
     lines = []
     if benches:
@@ -69,6 +74,7 @@ def tables(data: dict) -> str:
                 + ". On this machine and shape a per-prompt copy of the selected rows would decode faster, at the"
                 " cost of keep x the FFN's bytes of extra memory.")
             lines.append("")
+    lines += _quantized_table(decode, stream)
     if other:
         lines += ["| measurement | threads | median ms | GB/s | % of dense prefill |", "|---|---|---|---|---|"]
         for b in other:
@@ -78,6 +84,38 @@ def tables(data: dict) -> str:
                          f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _quantized_table(decode: list, stream: dict) -> list[str]:
+    """Quantized rows against the same run's float cases: torch dense fp32 and bf16 (same shape and
+    threads) and the fp32 gathered kernel at the same keep (the faster of its two layouts)."""
+    def median(impl, dtype, e, keep=None):
+        ms = [b["stats"]["median"] for b in decode if b["extra_info"]["impl"] == impl
+              and b["extra_info"]["dtype"] == dtype and (b["extra_info"]["d"], b["extra_info"]["D"],
+              b["extra_info"]["threads"]) == (e["d"], e["D"], e["threads"])
+              and (keep is None or b["extra_info"]["keep"] == keep)]
+        return min(ms) if ms else None
+
+    def ratio(ref, t):
+        return "" if ref is None else f"{ref / t:.2f}"
+
+    rows = [b for b in decode if b["extra_info"]["impl"] in ("q8_0", "q4_0")]
+    if not rows:
+        return []
+    out = ["Quantized rows (GB/s counts the quantized bytes read; x = speed-up over that run's case):", "",
+           "| d x D | threads | keep | format | median ms | GB/s | % of STREAM | x dense fp32 | x dense bf16 "
+           "| x gathered fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in rows:
+        e, t = b["extra_info"], b["stats"]["median"]
+        st = stream.get(e["threads"])
+        pct = f"{100 * e['gbps'] / st:.0f}%" if st and e.get("gbps") else ""
+        gathered = [m for m in (median("sparse", "float32", e, e["keep"]), median("bundled", "float32", e, e["keep"]))
+                    if m is not None]
+        out.append(f"| {e['d']}x{e['D']} | {e['threads']} | {e['keep']} | {e['impl']} | {_fmt_ms(t)} | "
+                   f"{e.get('gbps', '')} | {pct} | "
+                   f"{ratio(median('dense', 'float32', e), t)} | {ratio(median('dense', 'bfloat16', e), t)} | "
+                   f"{ratio(min(gathered) if gathered else None, t)} |")
+    return out + [""]
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,8 @@
     pytest benchmarks/test_e2e.py --benchmark-only [--benchmark-json=F]
     GLASS_BENCH_QUICK=1 ...        SmolLM2 only, keep 0.5, shorter decode
     GLASS_BENCH_E2E_MODELS / _KEEPS (comma lists), _TOKENS, _ROUNDS, GLASS_BENCH_THREADS: sizes
+    GLASS_BENCH_E2E_WEIGHTS=int8|int4  patch with quantized FFN rows (GlassConfig.weights); the paired
+                                       dense rounds run the model in its float dtype
 
 Cases (fp32, batch 1, greedy):
 
@@ -48,6 +50,7 @@ KEEPS = _env_list("GLASS_BENCH_E2E_KEEPS", (0.5,) if QUICK else (0.5, 0.4, 0.3, 
 DECODE_TOKENS = int(os.environ.get("GLASS_BENCH_E2E_TOKENS", 16 if QUICK else 32))
 ROUNDS = int(os.environ.get("GLASS_BENCH_E2E_ROUNDS", 3 if QUICK else 5))
 THREADS = int(os.environ.get("GLASS_BENCH_THREADS", "2"))
+WEIGHTS = os.environ.get("GLASS_BENCH_E2E_WEIGHTS") or None
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 _models: dict = {}
@@ -102,7 +105,7 @@ class _Patched:
         if not self._stats_loaded:
             self.stats, self._stats_loaded = _stats(self.model, self.name), True
             self.method = "a-glass" if self.stats is not None else "griffin"
-        gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep), stats=self.stats)
+        gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep, weights=WEIGHTS), stats=self.stats)
         self.tuning = gk.session(self.model).decode_tuning.describe()
 
     def unpatch(self):
@@ -251,6 +254,13 @@ def test_decode(benchmark, results, shares, name, keep):
         info["decode_steps"], info["sparse_decode_steps"] = steps["all"], steps["sparse"]
         info["decode_tuning"] = p.tuning
         info["amdahl_ceiling"] = round(amdahl(f, keep), 3)
+        info["weights"] = WEIGHTS or "float"
+        if WEIGHTS:  # the ceiling if the FFN time shrank with its bytes: keep x (quantized / float bytes)
+            from glass_kernels import quant
+            from glass_kernels.patch.quantized import wtype_of
+
+            ratio = quant.block_bytes(wtype_of(WEIGHTS)) / (quant.BLOCK * 4)  # vs fp32
+            info["amdahl_ceiling_bytes"] = round(amdahl(f, keep * ratio), 3)
         info["ideal_ffn_speedup"] = round(1.0 / keep, 3)
         dense_s = sorted(paired_dense_s[1:])  # the first belongs to the warm-up round
         info["dense_paired_median_s"] = dense_s[len(dense_s) // 2]

@@ -10,6 +10,10 @@
     bundled  the same op on the neuron-bundled layout (glass_kernels.ffn.layout: neuron i's gate,
              up and down rows adjacent in one [D, 3, d] block, row stride 3d), with the setting
              measured on that layout
+    q8_0 / q4_0  glass_kernels.quant.sparse_ffn_q's kernel on quantized, neuron-bundled rows (int8 /
+             4-bit blocks with fp16 scales; fp32 activations, so only in the float32 rows), cycling
+             through >= 1 GiB of quantized layers, neurons in flight chosen by a short timing in the
+             same run; GB/s counts the quantized bytes read, x dense compares with torch dense fp32
 
 Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB: the L3 (hundreds of MiB)
 cannot hold them, every call streams its weights from DRAM as a real decode step does. The same
@@ -35,6 +39,7 @@ from conftest import machine_info, median_s, quick_mode, set_threads
 
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
 from glass_kernels import tuning  # noqa: E402
+from glass_kernels import quant  # noqa: E402
 from glass_kernels.ffn.layout import bundled_views  # noqa: E402
 
 DEFAULT_TUNING = _C.get_decode_tuning()
@@ -63,6 +68,8 @@ def _cases():
                     out.append((shape, dt, nt, keep, "sparse1"))  # one neuron at a time
                     out.append((shape, dt, nt, keep, "sparse"))  # the setting measured for this machine
                     out.append((shape, dt, nt, keep, "bundled"))  # ... on the neuron-bundled layout
+                    if dt == "float32":
+                        out += [(shape, dt, nt, keep, "q8_0"), (shape, dt, nt, keep, "q4_0")]
     return out
 
 
@@ -89,10 +96,24 @@ class Layers:
         self.x = torch.randn(1, 1, d, generator=g).to(dtype)
         self.i = 0
         self._bundled = None
+        self._quantized: dict = {}
 
     def next(self):
         self.i = (self.i + 1) % self.L
         return self.layers[self.i]
+
+    def quantized(self, wtype: str) -> list:
+        """Layers of quantized, neuron-bundled rows ([D, 3, row_bytes] each, viewed as three operands),
+        as many as make >= 1 GiB of quantized bytes (they repeat the float layers' values)."""
+        if self._quantized.get(wtype) is None:
+            self._quantized.clear()
+            gc.collect()
+            one = [torch.stack([quant.quantize(w, wtype) for w in (wg, wu, wdt)], dim=1)
+                   for wg, wu, _, wdt in self.layers]
+            n = max(2, -(-GIB // one[0].numel()))
+            blocks = [one[i] if i < len(one) else one[i % len(one)].clone() for i in range(n)]
+            self._quantized[wtype] = [tuple(b[:, j] for j in range(3)) for b in blocks]
+        return self._quantized[wtype]
 
     def bundled(self) -> list:
         """Per layer (w_gate, w_up, w_down_t) as views of one [D, 3, d] block (made on first use)."""
@@ -133,6 +154,37 @@ def sparse_ffn_c(x, wg, wu, wdt, idx, y, activation="silu"):
     return y
 
 
+def sparse_ffn_q_c(x, wg, wu, wdt, idx, y, wtype):
+    """_C.sparse_ffn_q on quantized rows one stride apart (fp32 activations)."""
+    B, T, d = x.shape
+    ldw = wg.stride(0) // quant.block_bytes(wtype) * quant.BLOCK
+    _C.sparse_ffn_q(wtype, "float32", "silu", x.data_ptr(), B, T, d, wg.data_ptr(), wu.data_ptr(), wdt.data_ptr(),
+                    ldw, wg.shape[0], idx.data_ptr(), idx.numel(), False, y.data_ptr())
+    return y
+
+
+def _quantized_bytes(lay, wtype, idx) -> int:
+    """Bytes of quantized rows one call reads (3 rows per selected neuron)."""
+    return 3 * idx.numel() * quant.row_bytes(wtype, lay.d)
+
+
+def _choose_group(operands, wtype, x, idx, y, rounds: int = 3) -> int:
+    """Neurons in flight for these quantized rows: 1, 4 or 8, whichever walks all layers fastest
+    (median of ``rounds``, interleaved), as glass_kernels.tuning does for float rows."""
+    import statistics
+    import time
+
+    times: dict = {n: [] for n in (1, 4, 8)}
+    for _ in range(rounds + 1):
+        for n in times:
+            _C.set_decode_tuning(n, 0)
+            t0 = time.perf_counter()
+            for ops in operands:
+                sparse_ffn_q_c(x, *ops, idx, y, wtype)
+            times[n].append(time.perf_counter() - t0)
+    return min(times, key=lambda n: statistics.median(times[n][1:]))
+
+
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
 def test_decode_ffn(benchmark, results, case):
     (d, D), dt_name, nt, keep, impl = case
@@ -144,6 +196,8 @@ def test_decode_ffn(benchmark, results, case):
     k = idx.numel()
     nbytes = lay.layer_bytes * (1.0 if impl == "dense" else k / D)
 
+    if impl in quant.QTYPES:
+        nbytes = _quantized_bytes(lay, impl, idx)
     if impl == "dense":
         def step():
             wg, wu, wd, _ = lay.next()
@@ -158,6 +212,18 @@ def test_decode_ffn(benchmark, results, case):
             state["i"] = (state["i"] + 1) % len(copies)
             cg, cu, cd = copies[state["i"]]
             return F.linear(F.silu(F.linear(x, cg)) * F.linear(x, cu), cd)
+    elif impl in quant.QTYPES:
+        operands = lay.quantized(impl)
+        y = torch.empty_like(x)
+        qkey = (d, D, nt, keep, impl)
+        if qkey not in results:
+            results[qkey] = _choose_group(operands, impl, x, idx, y)
+        _C.set_decode_tuning(results[qkey], 0)
+        state = {"i": 0}
+
+        def step():
+            state["i"] = (state["i"] + 1) % len(operands)
+            return sparse_ffn_q_c(x, *operands[state["i"]], idx, y, impl)
     else:
         y = torch.empty_like(x)
         operands = lay.bundled() if impl == "bundled" else [(wg, wu, wdt) for wg, wu, _, wdt in lay.layers]
@@ -176,7 +242,7 @@ def test_decode_ffn(benchmark, results, case):
             state["i"] = (state["i"] + 1) % len(operands)
             return sparse_ffn_c(x, *operands[state["i"]], idx, y)
 
-    for _ in range(lay.L):  # warm-up: one pass over every layer (page faults, thread pools)
+    for _ in range(len(operands) if impl in quant.QTYPES else lay.L):  # warm-up: every layer once
         step()
     est = nbytes / 10e9
     benchmark.pedantic(step, rounds=_rounds(est), iterations=1, warmup_rounds=0)
@@ -187,7 +253,12 @@ def test_decode_ffn(benchmark, results, case):
     info.update(machine_info())
     info.update(d=d, D=D, dtype=dt_name, threads=nt, keep=keep, k=k, impl=impl, layers=lay.L,
                 bytes_per_call=int(nbytes), gbps=round(nbytes / t / 1e9, 2))
-    if impl.startswith("sparse") or impl == "bundled":
+    if impl in quant.QTYPES:
+        info["kernel"] = _C.qkernel_name(impl)
+        info["neurons_in_flight"], info["prefetch_neurons"] = _C.get_decode_tuning()
+        info["layers"] = len(lay.quantized(impl))
+        _C.set_decode_tuning(*DEFAULT_TUNING)
+    elif impl.startswith("sparse") or impl == "bundled":
         info["kernel"] = _C.kernel_name(dt_name, True)
         info["neurons_in_flight"], info["prefetch_neurons"] = _C.get_decode_tuning()
         _C.set_isa("auto")
@@ -196,23 +267,33 @@ def test_decode_ffn(benchmark, results, case):
     if dense:
         info["speedup_vs_dense"] = round(dense / t, 3)
     compact = results.get(key + (keep, "compact"))
-    if compact and (impl.startswith("sparse") or impl == "bundled"):
+    if compact and (impl.startswith("sparse") or impl in ("bundled", *quant.QTYPES)):
         info["speedup_vs_compact"] = round(compact / t, 3)
     if impl == "compact":
         del copies
         gc.collect()
 
 
+@pytest.mark.parametrize("how", ["sum", "read"])
 @pytest.mark.parametrize("nt", [1, 2] if not quick_mode() else [2])
-def test_stream_bandwidth(benchmark, nt):
-    """STREAM-like read bandwidth: torch.sum over 1 GiB of fp32 (reads only, like a decode step)."""
+def test_stream_bandwidth(benchmark, nt, how):
+    """STREAM-like read bandwidth over 1 GiB (reads only, like a decode step), two ways: torch.sum of
+    fp32 ("stream_sum"), and the extension's plain read probe, nt threads XOR-folding 64-bit words
+    ("stream_read": no float dependency chain; on some VMs torch.sum reads slower than the gathered
+    kernels). kernel_table.py takes the faster of the two as the run's STREAM figure."""
     set_threads(nt)
     a = torch.ones(GIB // 4, dtype=torch.float32)
-    a.sum()
-    benchmark.pedantic(lambda: a.sum(), rounds=8, iterations=1, warmup_rounds=1)
+    if how == "sum":
+        def step():
+            return a.sum()
+    else:
+        def step():
+            return _C.read_bandwidth_probe(a.data_ptr(), GIB, nt)
+    step()
+    benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=1)
     t = median_s(benchmark)
     benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update(impl="stream_sum", threads=nt, bytes_per_call=GIB,
+    benchmark.extra_info.update(impl=f"stream_{how}", threads=nt, bytes_per_call=GIB,
                                 gbps=round(GIB / t / 1e9, 2))
     del a
     gc.collect()

@@ -4,6 +4,7 @@ Public API::
 
     import glass_kernels
     glass_kernels.ops.sparse_ffn / sparse_mlp / neuron_stats / select_neurons
+    glass_kernels.quant.quantize / dequantize / sparse_ffn_q / sparse_mlp_q   (int8 / 4-bit rows)
     with glass_kernels.backend("torch" | "cpp" | "triton" | "auto"): ...
     glass_kernels.patch(model, GlassConfig(...)), unpatch, session, GlobalStats, calibrate, load_model
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import backend, ops
+from . import backend, ops, quant
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,7 @@ _LAZY = {
     "load_model": "glass_kernels.models",
 }
 
-__all__ = ["ops", "backend", "__version__", *_LAZY]
+__all__ = ["ops", "quant", "backend", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

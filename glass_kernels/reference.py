@@ -77,6 +77,51 @@ def sparse_mlp(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w
     return y.to(x.dtype).view(x.shape)
 
 
+# ---- quantized rows (glass_kernels.quant: ggml's Q8_0 / Q4_0 blocks of 32 values) ------------------
+
+QBLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+
+
+def dequantize(q: torch.Tensor, wtype: str) -> torch.Tensor:
+    """uint8 rows [R, nb * block_bytes] -> fp32 [R, nb * 32]: each value s * q (s the block's fp16 scale)."""
+    bb = QBLOCK_BYTES[wtype]
+    R = q.shape[0]
+    blk = q.contiguous().reshape(R, -1, bb)
+    s = blk[..., :2].contiguous().view(torch.float16).float()  # [R, nb, 1]
+    raw = blk[..., 2:]
+    if wtype == "q8_0":
+        v = raw.contiguous().view(torch.int8).float()
+    else:  # values 0..15 in the low nibbles, 16..31 in the high nibbles, offset 8
+        v = torch.cat([(raw & 15).float(), (raw >> 4).float()], dim=-1) - 8.0
+    return (v * s).reshape(R, -1)
+
+
+def _dequantized_rows(w: torch.Tensor, idx: torch.Tensor, wtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """The selected rows only, dequantized ([k, d] or [B*k, d]); the full matrix is never expanded."""
+    rows = dequantize(w.index_select(0, idx.long().reshape(-1)), wtype)
+    return rows.to(dtype) if dtype == torch.float64 else rows
+
+
+def sparse_ffn_q(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 idx: torch.Tensor, activation: str, wtype: str) -> torch.Tensor:
+    """sparse_ffn over quantized rows: the selected rows dequantized, then ``sparse_ffn`` in fp32."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    local = torch.arange(idx.numel(), device=idx.device).reshape(idx.shape)  # positions in the gathered rows
+    g, u, d = (_dequantized_rows(w, idx, wtype, acc) for w in (w_gate, w_up, w_down_t))
+    return sparse_ffn(x.to(acc), g, u, d, local, activation).to(x.dtype)
+
+
+def sparse_mlp_q(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+                 b_out: torch.Tensor | None, idx: torch.Tensor, activation: str, wtype: str) -> torch.Tensor:
+    """sparse_mlp over quantized rows (biases in x's dtype)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    local = torch.arange(idx.numel(), device=idx.device).reshape(idx.shape)
+    wi, wo = (_dequantized_rows(w, idx, wtype, acc) for w in (w_in, w_out_t))
+    bi = None if b_in is None else b_in.to(acc)[idx.long()].reshape(-1)
+    bo = None if b_out is None else b_out.to(acc)
+    return sparse_mlp(x.to(acc), wi, bi, wo, bo, local, activation).to(x.dtype)
+
+
 def neuron_stats(h: torch.Tensor, down_norms: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-neuron sum over counted tokens of (v_i / ||v||_2)^2, v = h[b,t] (* down_norms); fp32 [B, D].

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "glass/glass.h"
@@ -31,6 +32,12 @@ glass_activation parse_act(const std::string& s) {
   if (s == "relu") return GLASS_ACT_RELU;
   throw py::value_error("activation: expected 'silu', 'gelu_tanh', 'gelu' or 'relu', got '" + s +
                         "'");
+}
+
+glass_qtype parse_qtype(const std::string& s) {
+  if (s == "q8_0") return GLASS_Q8_0;
+  if (s == "q4_0") return GLASS_Q4_0;
+  throw py::value_error("wtype: expected 'q8_0' or 'q4_0', got '" + s + "'");
 }
 
 glass_isa parse_isa(const std::string& s) {
@@ -73,6 +80,33 @@ void run_released(F&& kernel) {
     if (st != GLASS_OK) msg = glass_last_error();
   }
   raise_for(st, msg);
+}
+
+// XOR of n 64-bit words read by `threads` threads, each its own contiguous part: a pure read stream
+// with no floating-point dependency chain (integer XOR reassociates, so the compiler vectorises it),
+// the memory system's read bandwidth as a decode step sees it. For the benchmarks' "% of STREAM"
+// column; torch.sum over fp32 reads slower than the gathered kernels on some machines.
+uint64_t xor_read(const uint64_t* a, int64_t n, int threads) {
+  std::vector<uint64_t> part(threads, 0);
+  std::vector<std::thread> team;
+  for (int t = 0; t < threads; ++t)
+    team.emplace_back([&, t] {
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = lo;
+      for (; i + 8 <= hi; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] ^= a[i + j];
+      for (; i < hi; ++i) acc[0] ^= a[i];
+      uint64_t r = 0;
+      for (int j = 0; j < 8; ++j) r ^= acc[j];
+      part[t] = r;
+    });
+  uint64_t r = 0;
+  for (int t = 0; t < threads; ++t) {
+    team[t].join();
+    r ^= part[t];
+  }
+  return r;
 }
 
 }  // namespace
@@ -122,6 +156,52 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ldw") = 0,
       "Non-gated sparse MLP into y [B,T,d]; b_in / b_out may be 0 (no bias); weight rows ldw "
       "elements apart (0: d).");
+
+  m.def(
+      "sparse_ffn_q",
+      [](const std::string& wtype, const std::string& dtype, const std::string& act, uintptr_t x,
+         int64_t B, int64_t T, int64_t d, uintptr_t w_gate, uintptr_t w_up, uintptr_t w_down_t,
+         int64_t ldw, int64_t D, uintptr_t idx, int64_t k, bool idx_batched, uintptr_t y) {
+        const glass_qtype qt = parse_qtype(wtype);
+        const glass_dtype dt = parse_dtype(dtype);
+        const glass_activation a = parse_act(act);
+        run_released([&] {
+          return glass_sparse_ffn_q(qt, dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_gate),
+                                    ptr<const void>(w_up), ptr<const void>(w_down_t), ldw, D,
+                                    ptr<const int32_t>(idx), k, idx_batched ? 1 : 0, ptr<void>(y));
+        });
+      },
+      py::arg("wtype"), py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"),
+      py::arg("T"), py::arg("d"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down_t"),
+      py::arg("ldw"), py::arg("D"), py::arg("idx"), py::arg("k"), py::arg("idx_batched"), py::arg("y"),
+      "Gated sparse FFN over quantized rows ('q8_0' | 'q4_0'; ldw: row stride in values).");
+
+  m.def(
+      "sparse_mlp_q",
+      [](const std::string& wtype, const std::string& dtype, const std::string& act, uintptr_t x,
+         int64_t B, int64_t T, int64_t d, uintptr_t w_in, uintptr_t b_in, uintptr_t w_out_t,
+         uintptr_t b_out, int64_t ldw, int64_t D, uintptr_t idx, int64_t k, bool idx_batched,
+         uintptr_t y) {
+        const glass_qtype qt = parse_qtype(wtype);
+        const glass_dtype dt = parse_dtype(dtype);
+        const glass_activation a = parse_act(act);
+        run_released([&] {
+          return glass_sparse_mlp_q(qt, dt, a, ptr<const void>(x), B, T, d, ptr<const void>(w_in),
+                                    ptr<const void>(b_in), ptr<const void>(w_out_t),
+                                    ptr<const void>(b_out), ldw, D, ptr<const int32_t>(idx), k,
+                                    idx_batched ? 1 : 0, ptr<void>(y));
+        });
+      },
+      py::arg("wtype"), py::arg("dtype"), py::arg("activation"), py::arg("x"), py::arg("B"),
+      py::arg("T"), py::arg("d"), py::arg("w_in"), py::arg("b_in"), py::arg("w_out_t"),
+      py::arg("b_out"), py::arg("ldw"), py::arg("D"), py::arg("idx"), py::arg("k"),
+      py::arg("idx_batched"), py::arg("y"),
+      "Non-gated sparse MLP over quantized rows; b_in / b_out may be 0.");
+
+  m.def(
+      "qkernel_name",
+      [](const std::string& wtype) { return std::string(glass_qkernel_name(parse_qtype(wtype))); },
+      py::arg("wtype"), "Name of the quantized kernel the current ISA runs, e.g. 'q8_0_sparse_ffn__avx2'.");
 
   m.def(
       "neuron_stats",
@@ -179,6 +259,18 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("neurons_in_flight"), py::arg("prefetch_neurons"),
       "T = 1 decoding: selected neurons in flight per thread (1..8) and prefetch distance in neurons (0..64).");
+  m.def(
+      "read_bandwidth_probe",
+      [](uintptr_t p, int64_t nbytes, int threads) {
+        if (nbytes < 8 || threads < 1 || (p % 8) != 0)
+          throw py::value_error("read_bandwidth_probe: need >= 8 bytes, 8-byte aligned, threads >= 1");
+        py::gil_scoped_release nogil;
+        return xor_read(reinterpret_cast<const uint64_t*>(p), nbytes / 8, threads);
+      },
+      py::arg("ptr"), py::arg("nbytes"), py::arg("threads"),
+      "Benchmark helper (not part of the C ABI): read nbytes with `threads` threads (XOR of 64-bit "
+      "words, returned so the reads cannot be elided).");
+
   m.def("get_decode_tuning", []() {
     int g = 0, p = 0;
     glass_get_decode_tuning(&g, &p);

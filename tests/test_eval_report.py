@@ -162,3 +162,20 @@ def test_reports_without_matplotlib_write_tables_and_say_so(tmp_path, monkeypatc
         paths = REP.write_report(res, tmp_path)
     assert [p.suffix for p in paths] == [".json", ".md"]
     assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_report_quantized_rows_table_and_plot(tmp_path):
+    res = fake_results()
+    q = {"dense": _row("dense", 1.0, 0.0, 3.0, 1.0)}
+    for w, kl in (("int8", 0.01), ("int4", 0.2)):
+        q[f"dense [{w}]@1"] = dict(_row("dense", 1.0, kl, 3.1, 0.9, name=f"dense [{w}]"), weights=w)
+        q[f"a-glass [{w}]@0.5"] = dict(_row("a-glass", 0.5, 1.0 + kl, 9, 0.5, 0.75, "nps", f"a-glass [{w}]"),
+                                       weights=w)
+    res["quant"] = {"prompts": ["a", "b"], "results": q}
+    paths = REP.write_report(res, tmp_path)
+    assert "quantized_rows.png" in {p.name for p in paths}
+    md = (tmp_path / "report.md").read_text()
+    # FFN bytes per decode step vs fp32 dense: Q8_0 34/128 per value, Q4_0 18/128, times keep
+    assert "| dense [int8] | int8 | 1 | 0.266 | 0.010 ± 0.100 |" in md
+    assert "| a-glass [int4] | int4 | 0.5 | 0.070 | 1.200 ± 0.100 |" in md
+    assert "quantized_rows.png" in md

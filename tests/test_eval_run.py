@@ -134,3 +134,24 @@ def test_spread_covers_kinds():
 
     sub = R._spread(load_prompts("heldout"), 6)
     assert {p["kind"] for p in sub} == set(KINDS)
+
+
+def test_quantized_configs_cost_little_and_leave_the_float_model():
+    """dense int8 / int4 against the float dense model: a small, ordered KL; the model's float
+    weights are put back after each quantized configuration (unpatch alone would leave them
+    dequantized)."""
+    from tiny_models import width_overrides
+
+    m = build("llama", seed=3, **width_overrides("llama", 64))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    prompts, conts, b = _batch(m)
+    ref = R.reference_pass(m, b)
+    kl = {}
+    for cfg in R.quant_configs(0.75)[:2]:  # dense int8, dense int4
+        assert cfg.weights and cfg.key.endswith("]@1")
+        s = TokenScores()
+        R.score_config(m, cfg, b, ref, {}, s)
+        kl[cfg.weights] = s.kl
+        now = m.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in before.items()), cfg
+    assert 0 < kl["int8"] < kl["int4"], kl

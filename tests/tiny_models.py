@@ -295,3 +295,12 @@ def assert_close_to_oracle(got, ref, oracle, what=""):
     err_ref = (ref.double() - oracle).abs().max().item()
     eps = 4 * torch.finfo(got.dtype).eps * max(1.0, oracle.abs().max().item())
     assert err_got <= 2 * err_ref + eps, f"{what}: error {err_got:.3g} > 2 x torch's {err_ref:.3g} + {eps:.3g}"
+
+
+def width_overrides(family: str, d: int) -> dict:
+    """``build`` overrides that give ``family`` a model width d (e.g. a multiple of 32 for quantized rows)."""
+    if family == "gpt2":
+        return {"n_embd": d}
+    if family == "opt":
+        return {"hidden_size": d, "word_embed_proj_dim": d}
+    return {"hidden_size": d}

@@ -37,7 +37,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from glass_kernels.triton.neuron_stats import _neuron_stats_kernel, _neuron_stats_norm_kernel  # noqa: E402
 from glass_kernels.triton.select_neurons import _select_neurons_kernel  # noqa: E402
 from glass_kernels.triton.sparse_ffn import (  # noqa: E402
-    DOT_CONFIGS, _sparse_ffn_kernel, _sparse_ffn_reduce_kernel, bcast_configs)
+    DOT_CONFIGS, QUANT_DOT_CONFIGS, _sparse_ffn_kernel, _sparse_ffn_reduce_kernel, bcast_configs,
+    quant_bcast_configs)
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _DT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -67,9 +68,10 @@ def _usage(kernel) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def _ffn_types(dt: str) -> dict:
+def _ffn_types(dt: str, quantized: bool = False) -> dict:
     p = f"*{_DT[dt]}"
-    return {"x_ptr": p, "w1_ptr": p, "w3_ptr": p, "wo_ptr": p, "b1_ptr": p, "idx_ptr": "*i32",
+    w = "*u8" if quantized else p  # quantized rows: uint8 blocks (glass_kernels.quant)
+    return {"x_ptr": p, "w1_ptr": w, "w3_ptr": w, "wo_ptr": w, "b1_ptr": p, "idx_ptr": "*i32",
             "part_ptr": "*fp32", "B": "i32", "T": "i32", "d": "i32", "ldw": "i32", "k": "i32",
             "idx_stride_b": "i32", "npp": "i32", "D_BUCKET": "i32", "K_BUCKET": "i32"}
 
@@ -87,10 +89,21 @@ def variants(quick: bool):
                     cfgs = [cfgs[0], cfgs[-1]] if bt == 1 else [cfgs[-1]]
                 for c in cfgs:
                     consts = dict(GATED=gated, HAS_B1=not gated, ACT=act, BLOCK_T=bt, USE_DOT=bt == 16,
-                                  DOT_F32=dt == "fp32", **c.kwargs)
+                                  DOT_F32=dt == "fp32", QTYPE=0, **c.kwargs)
                     name = (f"sparse_{'ffn' if gated else 'mlp'} {dt} T{bt} K{c.kwargs['BLOCK_K']} "
                             f"D{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}")
                     yield name, _sparse_ffn_kernel, _ffn_types(dt), consts, c.num_warps, c.num_stages
+    # quantized rows (QTYPE 1 = Q8_0, 2 = Q4_0): gated, decode tile and the tl.dot tile
+    for qtype, qname in ((1, "q8_0"), (2, "q4_0")):
+        for dt in (["bf16"] if quick else ["bf16", "fp32"]):
+            for bt in ((1, 16) if quick else (1, 2, 4, 8, 16)):
+                cfgs = QUANT_DOT_CONFIGS if bt == 16 else quant_bcast_configs(bt)
+                for c in ([cfgs[-1]] if quick else cfgs):
+                    consts = dict(GATED=True, HAS_B1=False, ACT=0, BLOCK_T=bt, USE_DOT=bt == 16, DOT_F32=True,
+                                  QTYPE=qtype, **c.kwargs)
+                    name = (f"sparse_ffn_q {qname} x {dt} T{bt} K{c.kwargs['BLOCK_K']} D{c.kwargs['BLOCK_D']} "
+                            f"w{c.num_warps} s{c.num_stages}")
+                    yield name, _sparse_ffn_kernel, _ffn_types(dt, True), consts, c.num_warps, c.num_stages
     for dt in (["bf16", "fp16"] if quick else dtypes):
         p = f"*{_DT[dt]}"
         types = {"part_ptr": "*fp32", "bo_ptr": p, "y_ptr": p, "n_rows": "i32", "d": "i32", "n_split": "i32"}

@@ -187,8 +187,13 @@ glass_status check_idx(const char* what, const int32_t* idx, int64_t n, int64_t 
   return GLASS_OK;
 }
 
-glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
+// qtype < 0: weights in `dtype`; else quantized weights (glass_qtype) with activations in `dtype`.
+glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what, int qtype = -1) {
   g_error[0] = '\0';
+  if (qtype >= 0 && qtype != GLASS_Q8_0 && qtype != GLASS_Q4_0) {
+    set_error("%s: wtype = %d is not a glass_qtype", what, qtype);
+    return GLASS_ERR_ARG;
+  }
   if (dtype_ok(dtype)) {
     set_error("%s: dtype = %d is not a glass_dtype", what, static_cast<int>(dtype));
     return GLASS_ERR_ARG;
@@ -207,6 +212,11 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
   if (a.ldw < a.d) {
     set_error("%s: ldw = %lld (the weights' row stride) must be >= d = %lld", what,
               static_cast<long long>(a.ldw), static_cast<long long>(a.d));
+    return GLASS_ERR_SIZE;
+  }
+  if (qtype >= 0 && (a.d % kQBlock != 0 || a.ldw % kQBlock != 0)) {
+    set_error("%s: quantized rows need d = %lld and ldw = %lld to be multiples of %d (the block size)",
+              what, static_cast<long long>(a.d), static_cast<long long>(a.ldw), kQBlock);
     return GLASS_ERR_SIZE;
   }
   int64_t bt, btd, dd, bk;
@@ -249,7 +259,10 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what) {
     set_error("%s: cannot allocate the workspace", what);
     return GLASS_ERR_INTERNAL;
   }
-  tab->ffn[dtype](a);
+  if (qtype >= 0)
+    tab->qffn[qtype][dtype](a);
+  else
+    tab->ffn[dtype](a);
   return GLASS_OK;
 }
 
@@ -371,6 +384,55 @@ glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activation act, c
   a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
   a.y = y;
   return run_ffn(dtype, a, "sparse_mlp");
+}
+
+glass_status glass_sparse_ffn_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
+                                const void* x, int64_t B, int64_t T, int64_t d, const void* w_gate,
+                                const void* w_up, const void* w_down_t, int64_t ldw, int64_t D,
+                                const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, "sparse_ffn_q");
+  GLASS_REQUIRE_PTR(w_gate, "sparse_ffn_q");
+  GLASS_REQUIRE_PTR(w_up, "sparse_ffn_q");
+  GLASS_REQUIRE_PTR(w_down_t, "sparse_ffn_q");
+  GLASS_REQUIRE_PTR(idx, "sparse_ffn_q");
+  GLASS_REQUIRE_PTR(y, "sparse_ffn_q");
+  FfnArgs a{};
+  a.gated = 1;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t; a.ldw = ldw;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, "sparse_ffn_q", static_cast<int>(wtype));
+}
+
+glass_status glass_sparse_mlp_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
+                                const void* x, int64_t B, int64_t T, int64_t d, const void* w_in,
+                                const void* b_in, const void* w_out_t, const void* b_out, int64_t ldw,
+                                int64_t D, const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, "sparse_mlp_q");
+  GLASS_REQUIRE_PTR(w_in, "sparse_mlp_q");
+  GLASS_REQUIRE_PTR(w_out_t, "sparse_mlp_q");
+  GLASS_REQUIRE_PTR(idx, "sparse_mlp_q");
+  GLASS_REQUIRE_PTR(y, "sparse_mlp_q");
+  FfnArgs a{};
+  a.gated = 0;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out; a.ldw = ldw;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, "sparse_mlp_q", static_cast<int>(wtype));
+}
+
+const char* glass_qkernel_name(glass_qtype wtype) {
+  const FfnTable* tab = table_for(glass_get_isa());
+  if (!tab || (wtype != GLASS_Q8_0 && wtype != GLASS_Q4_0)) return "unknown";
+  return tab->qffn_name[wtype];
 }
 
 glass_status glass_neuron_stats(glass_dtype dtype, const void* h, int64_t B, int64_t T, int64_t D,

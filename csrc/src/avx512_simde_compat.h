@@ -69,6 +69,28 @@ static inline float reduce_add_ps(simde__m512 a) {
   return s;
 }
 
+static inline simde__m512i cvtepi8_epi32(simde__m128i a) {  // vpmovsxbd: sign extension
+  int8_t b[16];
+  int32_t w[16];
+  simde_mm_storeu_si128(b, a);
+  for (int i = 0; i < 16; ++i) w[i] = b[i];
+  return simde_mm512_loadu_si512(w);
+}
+static inline simde__m512i cvtepu8_epi32(simde__m128i a) {  // vpmovzxbd: zero extension
+  uint8_t b[16];
+  int32_t w[16];
+  simde_mm_storeu_si128(b, a);
+  for (int i = 0; i < 16; ++i) w[i] = b[i];
+  return simde_mm512_loadu_si512(w);
+}
+static inline simde__m512 cvtepi32_ps(simde__m512i a) {  // exact for |a| < 2^24 (all that is used)
+  int32_t w[16];
+  float f[16];
+  simde_mm512_storeu_si512(w, a);
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(w[i]);
+  return simde_mm512_loadu_ps(f);
+}
+
 }  // namespace emu512
 }  // namespace glass
 
@@ -78,5 +100,8 @@ static inline float reduce_add_ps(simde__m512 a) {
 #define _mm512_cvtepu16_epi32 glass::emu512::cvtepu16_epi32
 #define _mm512_cvtepi32_epi16 glass::emu512::cvtepi32_epi16
 #define _mm512_cvtph_ps glass::emu512::cvtph_ps
+#define _mm512_cvtepi8_epi32 glass::emu512::cvtepi8_epi32
+#define _mm512_cvtepu8_epi32 glass::emu512::cvtepu8_epi32
+#define _mm512_cvtepi32_ps glass::emu512::cvtepi32_ps
 #define _mm512_cvtps_ph glass::emu512::cvtps_ph
 #define _mm512_reduce_add_ps glass::emu512::reduce_add_ps

@@ -15,6 +15,30 @@ namespace glass {
 struct bf16_t { uint16_t v; };
 struct f16_t { uint16_t v; };
 
+// Quantized weight blocks of 32 values (glass.h, ggml's Q8_0 / Q4_0 byte layout): an fp16 scale s
+// and the values q, each weight being s * q. A row of d values (d % 32 == 0) is d / 32 blocks.
+constexpr int kQBlock = 32;
+struct q8_0_t {
+  uint16_t s;        // fp16 scale
+  int8_t q[32];      // values -127..127 (-128 is accepted)
+};
+struct q4_0_t {
+  uint16_t s;        // fp16 scale
+  uint8_t q[16];     // value j < 16: (q[j] & 15) - 8; value 16 + j: (q[j] >> 4) - 8
+};
+static_assert(sizeof(q8_0_t) == 34 && sizeof(q4_0_t) == 18, "block layout of glass.h");
+template <class W>
+struct is_quant { static constexpr bool value = false; };
+template <>
+struct is_quant<q8_0_t> { static constexpr bool value = true; };
+template <>
+struct is_quant<q4_0_t> { static constexpr bool value = true; };
+// Elements of W that hold n weight values (blocks for quantized W), and their bytes.
+template <class W>
+constexpr int64_t elems_for(int64_t n) { return is_quant<W>::value ? n / kQBlock : n; }
+template <class W>
+constexpr int64_t bytes_for(int64_t n) { return elems_for<W>(n) * static_cast<int64_t>(sizeof(W)); }
+
 // One call of sparse_ffn / sparse_mlp after validation. The per-ISA driver owns threading.
 struct FfnArgs {
   int gated;               // 1: gate/up/down; 0: in/out (+ biases)
@@ -24,7 +48,8 @@ struct FfnArgs {
   const void* w1;          // W_gate or W_in [D, d], rows ldw elements apart
   const void* w2;          // W_up [D, d] (gated only), rows ldw apart
   const void* w3;          // W_down_t or W_out_t [D, d], rows ldw apart
-  int64_t ldw;             // row stride of the weights in elements (>= d; 3d for the bundled layout)
+  int64_t ldw;             // row stride of the weights in values (>= d; 3d for the bundled layout);
+                           // quantized weights: a multiple of 32, rows ldw / 32 blocks apart
   const void* b_in;        // [D] or null (non-gated only)
   const void* b_out;       // [d] or null (non-gated only)
   const int32_t* idx;      // [k] or [B, k]
@@ -45,11 +70,13 @@ void decode_tuning(int* group, int* prefetch);
 
 typedef void (*ffn_fn)(const FfnArgs&);
 
-// One ISA's kernels, indexed by glass_dtype.
+// One ISA's kernels, indexed by glass_dtype; the quantized ones by [glass_qtype][activation dtype].
 struct FfnTable {
   ffn_fn ffn[3];
   const char* ffn_name[3];
   const char* mlp_name[3];
+  ffn_fn qffn[2][3];
+  const char* qffn_name[2];
 };
 
 namespace scalar { extern const FfnTable kTable; }

@@ -57,6 +57,17 @@ static inline float vhsum(vfloat v) {
   return _mm_cvtss_f32(s);
 }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// quantized weights (quant_rows.inc): 8 int8 values, chunk c of a Q4_0 block, the fp16 scale (F16C)
+static inline vfloat vload_q8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 8c..8c+7: c < 2 low nibbles, else high
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (c & 1)));
+  if (c >= 2) b = _mm_srli_epi16(b, 4);
+  b = _mm_and_si128(b, _mm_set1_epi8(15));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(8)));
+}
+static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 static inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 // ---- conversions of activations ----
@@ -107,6 +118,7 @@ extern const FfnTable kTable = {
     {ffn_f32, ffn_f16, ffn_bf16},
     {"f32_sparse_ffn__avx2", "f16_sparse_ffn__avx2", "bf16_sparse_ffn__avx2"},
     {"f32_sparse_mlp__avx2", "f16_sparse_mlp__avx2", "bf16_sparse_mlp__avx2"},
+    GLASS_QUANT_TABLE("avx2"),
 };
 
 }  // namespace avx2

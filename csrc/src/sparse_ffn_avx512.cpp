@@ -63,6 +63,17 @@ static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps
 static inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 static inline float vhsum(vfloat v) { return _mm512_reduce_add_ps(v); }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// quantized weights (quant_rows.inc): 16 int8 values, chunk c of a Q4_0 block, the fp16 scale (F16C)
+static inline vfloat vload_q8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 16c..16c+15: c = 0 low nibbles, 1 high
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if (c) b = _mm_srli_epi16(b, 4);
+  b = _mm_and_si128(b, _mm_set1_epi8(15));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8)));
+}
+static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 static inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 template <class W>
@@ -111,6 +122,7 @@ extern const FfnTable kTable = {
     {ffn_f32, ffn_f16, ffn_bf16},
     {"f32_sparse_ffn__avx512", "f16_sparse_ffn__avx512", "bf16_sparse_ffn__avx512"},
     {"f32_sparse_mlp__avx512", "f16_sparse_mlp__avx512", "bf16_sparse_mlp__avx512"},
+    GLASS_QUANT_TABLE("avx512"),
 };
 
 }  // namespace avx512

@@ -49,6 +49,24 @@ static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a,
 static inline vfloat vadd(vfloat a, vfloat b) { return vaddq_f32(a, b); }
 static inline float vhsum(vfloat v) { return vaddvq_f32(v); }
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+// quantized weights (quant_rows.inc): 4 values per vector; only the 4 bytes needed are read.
+static inline uint8x8_t load4_u8(const void* p) {
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return vreinterpret_u8_u32(vdup_n_u32(u));
+}
+static inline vfloat vload_q8(const int8_t* p) {
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u8(load4_u8(p))))));
+}
+static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 4c..4c+3: c < 4 low nibbles, else high
+  uint8x8_t b = load4_u8(q + 4 * (c & 3));
+  b = c < 4 ? vand_u8(b, vdup_n_u8(15)) : vshr_n_u8(b, 4);
+  const int32x4_t v = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
+  return vcvtq_f32_s32(vsubq_s32(v, vdupq_n_s32(8)));
+}
+static inline float scale_f32(uint16_t s) {
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(s))), 0);
+}
 static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 template <class W>
@@ -76,6 +94,7 @@ extern const FfnTable kTable = {
     {ffn_f32, ffn_f16, ffn_bf16},
     {"f32_sparse_ffn__neon", "f16_sparse_ffn__neon", "bf16_sparse_ffn__neon"},
     {"f32_sparse_mlp__neon", "f16_sparse_mlp__neon", "bf16_sparse_mlp__neon"},
+    GLASS_QUANT_TABLE("neon"),
 };
 
 }  // namespace neon

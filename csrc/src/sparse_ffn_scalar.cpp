@@ -28,6 +28,11 @@ static inline void vstore_tail(float* p, vfloat v, int64_t) { *p = v; }
 static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 static inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
 static inline float vhsum(vfloat v) { return v; }
+static inline vfloat vload_q8(const int8_t* p) { return static_cast<float>(*p); }
+static inline vfloat vload_q4(const uint8_t* q, int c) {
+  return static_cast<float>((c < 16 ? (q[c] & 15) : (q[c - 16] >> 4)) - 8);
+}
+static inline float scale_f32(uint16_t s) { return f16_to_f32(s); }
 static inline void prefetch_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
   __builtin_prefetch(p, 0, 2);
@@ -91,6 +96,7 @@ extern const FfnTable kTable = {
     {ffn_f32, ffn_f16, ffn_bf16},
     {"f32_sparse_ffn__scalar", "f16_sparse_ffn__scalar", "bf16_sparse_ffn__scalar"},
     {"f32_sparse_mlp__scalar", "f16_sparse_mlp__scalar", "bf16_sparse_mlp__scalar"},
+    GLASS_QUANT_TABLE("scalar"),
 };
 
 }  // namespace scalar

@@ -465,6 +465,161 @@ void test_strided() {
   std::printf("strided weights: %zu runs bitwise equal to separate rows\n", runs);
 }
 
+// Quantized rows (glass_sparse_ffn_q / _mlp_q): random Q8_0 / Q4_0 blocks (random codes, random
+// fp16 scales, so the dequantized weights are exact in double) against a double oracle of those
+// weights, on every ISA, activation dtype, gated or not, T = 1 and T > 1, shared and per-sequence
+// sets, separate (ldw = d) and neuron-bundled (ldw = n d) rows in one exactly-sized allocation.
+struct QRows {
+  glass_qtype qt;
+  int64_t nblk;                   // blocks per row
+  std::vector<uint8_t> bytes;     // the allocation (rows of all n matrices, ldw apart)
+  std::vector<std::vector<double>> w;  // dequantized [n][D * d]
+};
+
+size_t qblock_bytes(glass_qtype qt) { return qt == GLASS_Q8_0 ? 34 : 18; }
+
+QRows make_qrows(glass_qtype qt, int64_t n, int64_t D, int64_t d, int64_t ldw, std::mt19937& rng) {
+  QRows r{qt, d / 32, {}, std::vector<std::vector<double>>(n, std::vector<double>(D * d))};
+  const size_t bb = qblock_bytes(qt);
+  const int64_t row_blocks = ldw / 32;
+  r.bytes.assign(((D - 1) * row_blocks + (n - 1) * (d / 32) + d / 32) * bb, 0);
+  std::uniform_int_distribution<int> code(qt == GLASS_Q8_0 ? -127 : 0, qt == GLASS_Q8_0 ? 127 : 15);
+  // weights of magnitude <~ 1 (|code| <= 127 or 8): fp16 outputs stay finite
+  std::uniform_real_distribution<float> sc(qt == GLASS_Q8_0 ? 0.0005f : 0.005f, qt == GLASS_Q8_0 ? 0.008f : 0.06f);
+  for (int64_t m = 0; m < n; ++m)
+    for (int64_t i = 0; i < D; ++i)
+      for (int64_t b = 0; b < d / 32; ++b) {
+        uint8_t* blk = &r.bytes[(i * row_blocks + m * (d / 32) + b) * bb];
+        const uint16_t s = glass::f32_to_f16(sc(rng) * (code(rng) % 2 ? 1.0f : -1.0f));
+        std::memcpy(blk, &s, 2);
+        const double sd = glass::f16_to_f32(s);
+        for (int j = 0; j < 32; ++j) {
+          const int c = code(rng);
+          int v;
+          if (qt == GLASS_Q8_0) {
+            blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c));
+            v = c;
+          } else {
+            uint8_t& byte = blk[2 + (j % 16)];
+            byte = static_cast<uint8_t>(j < 16 ? (byte & 0xf0) | c : (byte & 0x0f) | (c << 4));
+            v = c - 8;
+          }
+          r.w[m][i * d + b * 32 + j] = sd * v;
+        }
+      }
+  return r;
+}
+
+void test_quant() {
+  std::mt19937 rng(4242);
+  const int64_t shapes[][5] = {{1, 1, 32, 5, 5}, {1, 1, 64, 40, 13}, {2, 3, 96, 17, 9},
+                               {1, 5, 160, 50, 50}, {3, 1, 32, 7, 1}};
+  const int settings[][2] = {{4, 0}, {1, 0}, {3, 2}};
+  size_t runs = 0;
+  for (glass_isa isa : supported_isas()) {
+    CHECK(glass_set_isa(isa) == GLASS_OK, "set_isa(%s)", glass_isa_name(isa));
+    for (glass_qtype qt : {GLASS_Q8_0, GLASS_Q4_0})
+      for (auto& s : shapes)
+        for (glass_dtype dt : kDtypes)
+          for (int gated = 0; gated < 2; ++gated)
+            for (int bundled = 0; bundled < 2; ++bundled)
+              for (int batched = 0; batched < 2; ++batched)
+                for (auto& st : settings) {
+                  if (batched && s[0] == 1) continue;
+                  const int64_t B = s[0], T = s[1], d = s[2], D = s[3], k = s[4], n = gated ? 3 : 2;
+                  const int64_t ldw = bundled ? n * d : d;
+                  const glass_activation act = gated ? GLASS_ACT_SILU : GLASS_ACT_GELU;
+                  std::vector<QRows> mats;
+                  std::vector<const void*> ptr(n);
+                  if (bundled) {
+                    mats.push_back(make_qrows(qt, n, D, d, ldw, rng));
+                    for (int64_t m = 0; m < n; ++m) ptr[m] = &mats[0].bytes[m * (d / 32) * qblock_bytes(qt)];
+                  } else {
+                    for (int64_t m = 0; m < n; ++m) mats.push_back(make_qrows(qt, 1, D, d, ldw, rng));
+                    for (int64_t m = 0; m < n; ++m) ptr[m] = mats[m].bytes.data();
+                  }
+                  auto wv = [&](int64_t m, int64_t i, int64_t q) {
+                    return bundled ? mats[0].w[m][i * d + q] : mats[m].w[0][i * d + q];
+                  };
+                  Buf x(dt, B * T * d), bi(dt, D), bo(dt, d), y(dt, B * T * d);
+                  fill(x, rng, 1.0f);
+                  fill(bi, rng, 0.5f);
+                  fill(bo, rng, 0.5f);
+                  const int64_t nsets = batched ? B : 1;
+                  std::vector<int32_t> idx(nsets * k);
+                  std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(D - 1));
+                  for (auto& v : idx) v = ud(rng);
+                  CHECK(glass_set_decode_tuning(st[0], st[1]) == GLASS_OK, "set_decode_tuning");
+                  glass_status rc;
+                  if (gated)
+                    rc = glass_sparse_ffn_q(qt, dt, act, x.data(), B, T, d, ptr[0], ptr[1], ptr[2], ldw, D,
+                                            idx.data(), k, batched, y.data());
+                  else
+                    rc = glass_sparse_mlp_q(qt, dt, act, x.data(), B, T, d, ptr[0], bi.data(), ptr[1],
+                                            bo.data(), ldw, D, idx.data(), k, batched, y.data());
+                  CHECK(rc == GLASS_OK, "sparse_*_q status %d: %s", rc, glass_last_error());
+                  ++runs;
+                  const double uo = unit_roundoff(dt);
+                  const int64_t wo = gated ? 2 : 1;  // the output (down / out) matrix
+                  for (int64_t b = 0; b < B; ++b)
+                    for (int64_t t = 0; t < T; ++t) {
+                      const int64_t row = b * T + t;
+                      const int32_t* id = idx.data() + (batched ? b * k : 0);
+                      std::vector<double> ref(d, gated ? 0.0 : bo.val[0] * 0.0), mag(d, 0.0);
+                      for (int64_t q = 0; q < d && !gated; ++q) ref[q] = bo.val[q], mag[q] = std::fabs(bo.val[q]);
+                      for (int64_t j = 0; j < k; ++j) {
+                        const int64_t nn = id[j];
+                        double g = 0, sg = 0, u = 0, su = 0;
+                        for (int64_t q = 0; q < d; ++q) {
+                          g += wv(0, nn, q) * x.val[row * d + q];
+                          sg += std::fabs(wv(0, nn, q) * x.val[row * d + q]);
+                          if (gated) {
+                            u += wv(1, nn, q) * x.val[row * d + q];
+                            su += std::fabs(wv(1, nn, q) * x.val[row * d + q]);
+                          }
+                        }
+                        const double h = gated ? act_d(act, g) * u : act_d(act, g + bi.val[nn]);
+                        const double hm = gated ? std::fabs(h) + 1.13 * (sg * std::fabs(u) + std::fabs(act_d(act, g)) * su)
+                                                : std::fabs(h) + 1.13 * (sg + std::fabs(bi.val[nn]));
+                        for (int64_t q = 0; q < d; ++q) {
+                          ref[q] += h * wv(wo, nn, q);
+                          mag[q] += hm * std::fabs(wv(wo, nn, q));
+                        }
+                      }
+                      for (int64_t q = 0; q < d; ++q) {
+                        // + the absolute rounding of fp16's subnormal outputs (spacing 2^-24)
+                        const double bound = 4.0 * (d + k + 8) * kU32 * mag[q] + 2 * uo * std::fabs(ref[q]) +
+                                             (dt == GLASS_F16 ? std::ldexp(1.0, -24) : 1e-30);
+                        const double got = y.get(row * d + q);
+                        CHECK(std::fabs(got - ref[q]) <= bound,
+                              "%s %s %s gated %d bundled %d: y[%lld,%lld] = %.9g vs %.9g (bound %.3g)",
+                              glass_isa_name(isa), qt == GLASS_Q8_0 ? "q8_0" : "q4_0", glass_isa_name(isa),
+                              gated, bundled, static_cast<long long>(row), static_cast<long long>(q), got,
+                              ref[q], bound);
+                      }
+                    }
+                }
+  }
+  glass_set_isa(GLASS_ISA_AUTO);
+  glass_set_decode_tuning(settings[0][0], settings[0][1]);
+  float xf[64] = {0}, yf[64];
+  uint8_t wq[34 * 8] = {0};
+  int32_t two[2] = {0, 1};
+  CHECK(glass_sparse_ffn_q(GLASS_Q8_0, GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 48, wq, wq, wq, 48, 2, two, 2, 0, yf) ==
+            GLASS_ERR_SIZE, "d not a multiple of 32");
+  CHECK(std::strstr(glass_last_error(), "multiples of 32") != nullptr, "message: %s", glass_last_error());
+  CHECK(glass_sparse_ffn_q(GLASS_Q8_0, GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 32, wq, wq, wq, 48, 2, two, 2, 0, yf) ==
+            GLASS_ERR_SIZE, "ldw not a multiple of 32");
+  CHECK(glass_sparse_ffn_q(static_cast<glass_qtype>(5), GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 32, wq, wq, wq, 32, 2,
+                           two, 2, 0, yf) == GLASS_ERR_ARG, "bad wtype");
+  CHECK(glass_sparse_mlp_q(GLASS_Q4_0, GLASS_F32, GLASS_ACT_GELU, xf, 1, 1, 32, wq, nullptr, nullptr, nullptr, 32, 2,
+                           two, 2, 0, yf) == GLASS_ERR_NULL, "w_out_t null");
+  int32_t bad[2] = {0, 2};
+  CHECK(glass_sparse_ffn_q(GLASS_Q4_0, GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 32, wq, wq, wq, 32, 2, bad, 2, 0, yf) ==
+            GLASS_ERR_INDEX, "quantized idx out of range");
+  std::printf("quantized rows: %zu runs (Q8_0, Q4_0) against the double oracle\n", runs);
+}
+
 void test_errors() {
   float xf[8] = {0}, w[64] = {0}, y[8];
   int32_t idx[2] = {0, 1};
@@ -580,6 +735,7 @@ int main(int argc, char** argv) {
   test_stats();
   test_ffn();
   test_strided();
+  test_quant();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -56,7 +56,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-lams", type=_lams, default=None, help="lambdas of the tune-split sweep")
     p.add_argument("--lam", type=float, default=None,
                    help="lambda for the held-out A-/I-GLASS rows (default: best of the tune sweep)")
-    p.add_argument("--parts", default=None, help="comma-separated subset of sweep,heldout,length")
+    p.add_argument("--parts", default=None, help="comma-separated subset of sweep,heldout,length,quant (quant: the "
+                   "quantized-rows table, not in the default run)")
     p.add_argument("--batch-size", type=_pos, default=None)
     p.add_argument("--nps-sequences", type=_pos, default=None, help="NPS calibration sequences (default 64)")
     p.add_argument("--text-sequences", type=_pos, default=None, help="text calibration sequences (default 64)")
@@ -91,9 +92,9 @@ def settings_from_args(args) -> "object":
             raise SystemExit("--length-targets must be >= 0")
     if args.parts:
         parts = tuple(x.strip() for x in args.parts.split(","))
-        bad = set(parts) - {"sweep", "heldout", "length"}
+        bad = set(parts) - {"sweep", "heldout", "length", "quant"}
         if bad:
-            raise SystemExit(f"--parts: unknown part(s) {sorted(bad)}; choose from sweep,heldout,length")
+            raise SystemExit(f"--parts: unknown part(s) {sorted(bad)}; choose from sweep,heldout,length,quant")
         over["parts"] = parts
     if args.lam is not None and not (0.0 <= args.lam <= 1.0):
         raise SystemExit(f"--lam must be in [0, 1], got {args.lam}")

@@ -193,11 +193,34 @@ def markdown_report(res: dict, command: str | None = None) -> str:
             L.append(f"| +{r['context_tokens']} | {r['prompt_tokens_mean']:.0f} | "
                      + " | ".join(_fmt(kl[l]) for l in lams) + f" | {r['best_lam']:g} | {gain} |")
         L += [""]
+    q = res.get("quant")
+    if q:
+        L += [f"## Quantized rows (held-out, {len(q['prompts'])} prompts)", "",
+              "KL against the dense model in its float weights (the models are 4-bit GGUF checkpoints "
+              "dequantized to fp32; int8 / int4 here re-quantize those fp32 FFN weights to Q8_0 / Q4_0 rows). "
+              "FFN bytes = the FFN weight bytes one decode step reads, as a fraction of the fp32 dense model's "
+              "(Q8_0: 34 bytes per 32 values, Q4_0: 18):", "",
+              "| configuration | weights | keep | FFN bytes | KL ± s.e. | perplexity | top-1 agreement |",
+              "|---|---|---|---|---|---|---|"]
+        for r in q["results"].values():
+            L.append(f"| {r.get('name', r['method'])} | {r.get('weights', 'float')} | {r['keep']:g} | "
+                     f"{ffn_bytes_fraction(r):.3f} | {_fmt(r['kl'])} ± {_fmt(r['kl_sem'])} | {_fmt(r['ppl'], 2)} | "
+                     f"{_fmt(r['top1'])} |")
+        L += [""]
     t = res.get("timing", {})
     if t:
         L += ["## Run time", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
     L += [f"Plots: {', '.join(plot_names(res)) or 'none'}. Every number: results.json.", ""]
     return "\n".join(L)
+
+
+# bytes per weight value, relative to fp32, of the formats the quantized-rows table compares
+_BYTES_VS_FP32 = {"float": 1.0, "int8": 34 / (32 * 4), "int4": 18 / (32 * 4)}
+
+
+def ffn_bytes_fraction(r: dict) -> float:
+    """FFN weight bytes read per decode step as a fraction of the fp32 dense model's (keep x format)."""
+    return r["keep"] * _BYTES_VS_FP32[r.get("weights", "float")]
 
 
 def plot_names(res: dict) -> list[str]:
@@ -206,7 +229,8 @@ def plot_names(res: dict) -> list[str]:
     return [name for name, present in (("quality_vs_keep.png", bool(h)),
                                        ("jaccard_layers.png", bool(h.get("jaccard"))),
                                        ("kl_vs_lambda.png", bool(res.get("lambda_sweep"))),
-                                       ("prompt_length.png", bool(res.get("prompt_length")))) if present]
+                                       ("prompt_length.png", bool(res.get("prompt_length"))),
+                                       ("quantized_rows.png", bool(res.get("quant")))) if present]
 
 
 def verdict(h: dict, keep: float) -> str:
@@ -337,7 +361,33 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
         axes[1].grid(alpha=0.3)
         fig.suptitle(f"{name}: prompt-length dependence (keep {pl['keep']})")
         paths.append(_save(fig, out_dir / "prompt_length.png"))
+    q = res.get("quant")
+    if q:
+        paths.append(_plot_quant(q, name, out_dir / "quantized_rows.png"))
     return paths
+
+
+def _plot_quant(q: dict, name: str, path: Path) -> Path:
+    """KL against FFN bytes read per decode step: one point per configuration, a line per keep."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in q["results"].values() if r["method"] != "dense" or r.get("weights", "float") != "float"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label in sorted({(r["method"], r["keep"]) for r in rows}, key=lambda x: -x[1]):
+        pts = sorted((ffn_bytes_fraction(r), r["kl"], r["kl_sem"], r.get("weights", "float"))
+                     for r in rows if (r["method"], r["keep"]) == label)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                    capsize=3, label=f"{label[0]} keep {label[1]:g}")
+        for x, y, _, w in pts:
+            ax.annotate(w, (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # the float dense reference (KL 0) is not plotted
+    ax.set_xlabel("FFN weight bytes per decode step (fraction of fp32 dense)")
+    ax.set_ylabel("KL(dense fp32 || configuration)")
+    ax.set_title(f"{name}: quantized rows, held-out prompts ({len(q['prompts'])})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    return _save(fig, path)
 
 
 def write_report(res: dict, out_dir: Path, command: str | None = None) -> list[Path]:

@@ -69,7 +69,7 @@ class EvalSettings:
     stats_seq_len: int = 256
     threads: int | None = None
     progress: bool = True
-    parts: tuple = ("sweep", "heldout", "length")
+    parts: tuple = ("sweep", "heldout", "length")  # and "quant": the quantized-rows configurations
 
     @classmethod
     def quick(cls) -> "EvalSettings":
@@ -86,6 +86,7 @@ class Config:
     keep: float
     lam: float | None = None
     stats: str | None = None  # "nps" | "text" | None
+    weights: str | None = None  # GlassConfig.weights: "int8" | "int4" | None (the model's floats)
 
     @property
     def name(self) -> str:
@@ -94,6 +95,8 @@ class Config:
             s += f" lam={self.lam:g}"
         if self.stats and self.stats != "nps":
             s += f" ({self.stats})"
+        if self.weights:
+            s += f" [{self.weights}]"
         return s
 
     @property
@@ -263,7 +266,10 @@ def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict,
     import glass_kernels as gk
 
     gcfg = gk.GlassConfig(method="griffin" if cfg.method == "oracle" else cfg.method, keep=cfg.keep,
-                          lam=cfg.lam if cfg.lam is not None else gk.GlassConfig().lam)
+                          lam=cfg.lam if cfg.lam is not None else gk.GlassConfig().lam, weights=cfg.weights)
+    # quantized weights: unpatch leaves the dequantized values, so the float originals are kept here
+    # and put back afterwards (every configuration is scored against the same float model)
+    originals = _ffn_weights(model) if cfg.weights else None
     gk.patch(model, gcfg, stats=stats.get(cfg.stats) if cfg.stats else None)
     try:
         sess = gk.session(model)
@@ -279,12 +285,30 @@ def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict,
             logits = _forward_pair(model, batch, between)
     finally:
         gk.unpatch(model)
+        if originals is not None:
+            with torch.no_grad():
+                for p, w in originals:
+                    p.copy_(w)
     B = logits.shape[0]
     kl = torch.stack([kl_per_token(ref.logits[b], logits[b]) for b in range(B)])
     nll = torch.stack([nll_per_token(logits[b], batch.targets[b]) for b in range(B)])
     agree = torch.stack([top1_agree(ref.logits[b], logits[b]) for b in range(B)])
     scores.add(kl, nll, agree, torch.ones_like(agree))
     return chosen if want_sets else None
+
+
+def _ffn_weights(model) -> list:
+    """(parameter, a copy of its values) for every FFN weight of the model."""
+    from ..ffn import find_ffn_sites
+
+    return [(p, p.detach().clone()) for s in find_ffn_sites(model) for p in s.handler.weight_params(s.module)]
+
+
+def quant_configs(lam: float) -> list[Config]:
+    """The quality cost of quantized rows: dense and A-GLASS keep 0.5, in the model's floats, int8, int4."""
+    return [Config("dense", 1.0, weights="int8"), Config("dense", 1.0, weights="int4"),
+            Config("a-glass", 0.5, lam, "nps"), Config("a-glass", 0.5, lam, "nps", weights="int8"),
+            Config("a-glass", 0.5, lam, "nps", weights="int4")]
 
 
 def dense_scores(ref: Reference, batch: _Batch, scores: TokenScores) -> None:
@@ -508,6 +532,22 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
         }
         if checkpoint:
             checkpoint(dict(res, timing=dict(timing), partial=True))
+    # ---- quantized rows (held-out split): dense and A-GLASS in the float, int8 and int4 weights ------
+    if "quant" in settings.parts:
+        ids = encode_prompts(tok, [p["text"] for p in held], chat)
+        conts = gen(ids, settings.gen_tokens, "heldout")
+        configs = quant_configs(lam_a if lam_a is not None else gk_default_lam())
+        bar = _Progress(n_batches(len(ids)) * (len(configs) + 1), f"{name}: quantized rows", settings.progress)
+        t = time.perf_counter()
+        scores, _ = _run_configs(model, ids, conts, configs, stats, settings, pad, bar)
+        bar.close()
+        timing["quant_s"] = round(time.perf_counter() - t, 1)
+        res["quant"] = {"prompts": [p["id"] for p in held], "results": _summaries(scores, configs),
+                        "note": "KL against the float dense model; int8 / int4 = ggml Q8_0 / Q4_0 rows"}
+        for c in configs:
+            res["quant"]["results"][c.key]["weights"] = c.weights or "float"
+        if checkpoint:
+            checkpoint(dict(res, timing=dict(timing), partial=True))
     # ---- prompt-length dependence (tune split) --------------------------------------------------------
     if "length" in settings.parts:
         items = _spread(load_prompts("tune"), settings.n_length)
@@ -535,6 +575,12 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
     res["timing"] = timing
     del model
     return res
+
+
+def gk_default_lam() -> float:
+    from ..patch import GlassConfig
+
+    return GlassConfig().lam
 
 
 def machine_info() -> dict:

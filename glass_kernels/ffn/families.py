@@ -104,6 +104,9 @@ class Phi3MLPHandler(FFNHandler):
         # Row halves of a contiguous [2D, d] tensor are contiguous views: no copy.
         return (w[: self.D], w[self.D :], module.down_proj.weight.t())
 
+    def weight_params(self, module):
+        return [module.gate_up_proj.weight, module.down_proj.weight]
+
     def hidden(self, module, x):
         up_states = module.gate_up_proj(x)
         gate, up_states = up_states.chunk(2, dim=-1)

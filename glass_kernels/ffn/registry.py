@@ -149,6 +149,13 @@ class FFNHandler:
         (a [d, D] weight such as W_down). None: this family cannot be bundled (a fused parameter)."""
         return None
 
+    def weight_params(self, module: nn.Module) -> list[nn.Parameter]:
+        """The FFN's weight parameters (not its biases): what quantized storage replaces."""
+        params = self.bundle_params(module)
+        if params is None:
+            raise NotImplementedError(f"{type(self).__name__} must define weight_params")
+        return [p for p, _ in params]
+
     def install(self, parent: nn.Module, attr: str, module: nn.Module, glass: nn.Module) -> None:
         setattr(parent, attr, glass)
 

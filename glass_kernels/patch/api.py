@@ -102,7 +102,10 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
     state = GlassState(model, sites, config, stats)
     installed, relaid = _install(model, sites, state)
     try:
-        _choose_layout(sites, installed, relaid, state, config)
+        if config.weights is not None:
+            _quantize(sites, state, config)
+        else:
+            _choose_layout(sites, installed, relaid, state, config)
     except BaseException:
         # every parameter the layouts may have touched (a failure may come half-way through bundling)
         _restore_layout(relaid + [[p for p, _ in s.handler.bundle_params(s.module) or []] for s in sites])
@@ -160,6 +163,17 @@ def _choose_layout(sites, installed, relaid, state: GlassState, config: GlassCon
     for (site, _, _, glass), params in zip(installed, relaid):
         glass.__dict__["relaid"] = params if state.prompt_copy.copy else []
     logger.info("glass_kernels: decode tuning %s; %s", t.describe(), state.prompt_copy.describe())
+
+
+def _quantize(sites, state: GlassState, config: GlassConfig) -> None:
+    """GlassConfig.weights: every FFN's weights become quantized neuron rows (patch/quantized.py)."""
+    from .. import tuning
+    from .quantized import quantize_sites, wtype_of
+
+    state.quantized = quantize_sites(sites, wtype_of(config.weights))
+    state.decode_tuning = tuning.current()  # the float kernels' measurement does not apply to these rows
+    logger.info("glass_kernels: FFN weights quantized to %s (%.1f MiB of rows)", config.weights,
+                sum(q.nbytes for q in state.quantized) / 2**20)
 
 
 def _restore_layout(relaid) -> None:
@@ -229,6 +243,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         h.remove()
     for site, parent, attr, glass in reversed(rec.sites):
         site.handler.uninstall(parent, attr, site.module, glass)
+    for q in rec.state.quantized or []:  # the dequantized weights, in the original shape and dtype
+        q.restore()
     _restore_layout(rec.relaid)
     _unwrap_generate(model)
     rec.state.reset()

@@ -9,6 +9,7 @@ METHODS = ("a-glass", "i-glass", "griffin", "global", "random", "dense")
 from ..backend import BACKENDS
 STRATEGIES = ("gather", "compact", "auto")
 LAYOUTS = ("auto", "separate", "bundled")
+WEIGHTS = (None, "int8", "int4", "q8_0", "q4_0")
 
 # Methods whose selection needs the offline global statistics (GlobalStats).
 NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
@@ -47,6 +48,12 @@ class GlassConfig:
              neuron i's gate, up and down rows adjacent: one read per selected neuron), "auto"
              (bundled where the decode tuning measured it > 2% faster on this machine, else
              separate). Families whose FFN is one fused parameter (Phi-3) are always separate.
+    weights: None (the model's own floats) or "int8" / "int4" (aliases of "q8_0" / "q4_0"): the FFN
+             weights are quantized at patch time into neuron-bundled rows of ggml's Q8_0 / Q4_0
+             blocks (glass_kernels.quant) and the float parameters released; decode reads the
+             quantized rows, a prompt forward dequantizes one layer at a time; ``unpatch`` restores
+             the parameters holding the dequantized values (the quantization error stays). Needs
+             d % 32 == 0. The decode setting is the C core's default for these rows (not tuned yet).
     tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
              glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
              (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
@@ -62,6 +69,7 @@ class GlassConfig:
     strategy: str = "gather"
     tune: bool | str = "auto"
     layout: str = "auto"
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +88,8 @@ class GlassConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.tune not in (True, False, "auto"):

@@ -43,6 +43,9 @@ class GlassFFN(nn.Module):
         if st.sparse:
             return st.sparse_forward(self.layer, x, self.flattens)
         site = self.site
+        if st.quantized is not None:  # GlassConfig.weights: this layer dequantized for the forward
+            with st.quantized[self.layer].dense_weights():
+                return self._dense(site, st, x)
         # torch's GEMM may be slow on the relaid views (tuning.prompt_copy_for_model): from some
         # number of tokens on, a contiguous copy of this layer's weights costs less.
         if self.relaid and st.prompt_copy.applies(x.numel() // x.shape[-1]):

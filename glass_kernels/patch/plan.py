@@ -37,15 +37,19 @@ def compact_copy(operands: tuple, idx: torch.Tensor, kind: str) -> tuple[tuple, 
 class DecodePlan:
     """Per layer (op, operands, int32 idx, activation) for the sets ``neurons`` ([R, k] per layer)."""
 
-    def __init__(self, sites: Sequence[FFNSite], neurons: Sequence[torch.Tensor], compact: bool) -> None:
+    def __init__(self, sites: Sequence[FFNSite], neurons: Sequence[torch.Tensor], compact: bool,
+                 quantized: Sequence | None = None) -> None:
         ops = _ops()
         self.strategy = "compact" if compact else "gather"
         self.calls = []
-        for site, idx in zip(sites, neurons):
+        for layer, (site, idx) in enumerate(zip(sites, neurons)):
             h = site.handler
-            operands = tuple(h.weights(site.module))
             if idx.shape[0] == 1:
                 idx = idx[0]  # one set shared by every row (any batch size)
+            if quantized is not None:  # GlassConfig.weights: quantized rows (patch/quantized.py)
+                self.calls.append(self._quantized_call(quantized[layer], idx, h))
+                continue
+            operands = tuple(h.weights(site.module))
             idx = idx.to(operands[0].device).contiguous()
             if compact:
                 operands, idx = compact_copy(operands, idx, h.kind)
@@ -58,6 +62,17 @@ class DecodePlan:
                 idx = ops.validate_sparse_mlp_operands(*operands, idx, h.activation)
                 fn = ops.sparse_mlp_prevalidated
             self.calls.append((fn, operands, idx, h.activation))
+
+    @staticmethod
+    def _quantized_call(q, idx: torch.Tensor, h) -> tuple:
+        from functools import partial
+
+        from .. import quant
+
+        operands = q.operands()
+        idx = quant.validate_operands(operands, idx.to(q.device), h.activation, q.wtype, h.kind == "gated", q.dtype)
+        fn = quant.sparse_ffn_q_prevalidated if h.kind == "gated" else quant.sparse_mlp_q_prevalidated
+        return (partial(fn, wtype=q.wtype), operands, idx, h.activation)
 
     def forward(self, layer: int, x: torch.Tensor, batch: int, flattens: bool) -> torch.Tensor:
         fn, operands, idx, act = self.calls[layer]

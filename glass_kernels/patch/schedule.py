@@ -93,6 +93,7 @@ class GlassState:
         self._sequence_thread: int | None = None
         self.decode_tuning = None  # tuning.DecodeTuning, set by patch() (None: the core's own)
         self.prompt_copy = None  # tuning.PromptCopy, set by patch()
+        self.quantized = None  # per layer quantized.QuantizedFFN (GlassConfig.weights), set by patch()
         self.reset()
 
     def warn_once(self, key: str, msg: str) -> None:
@@ -366,7 +367,8 @@ class GlassState:
             from .. import tuning
 
             tuning.apply(self.decode_tuning)  # per sequence, in case another patched model changed it
-        self.plan = DecodePlan(self.sites, self.neurons, self._use_compact())
+        quantized = self.quantized
+        self.plan = DecodePlan(self.sites, self.neurons, quantized is None and self._use_compact(), quantized)
 
     def _use_compact(self) -> bool:
         """Whether this prompt's sets are read from a compacted copy (GlassConfig.strategy)."""
@@ -426,6 +428,9 @@ class GlassState:
                "neuron_sets": nbytes(self.neurons or []),
                "compact_copies": self.plan.copy_nbytes() if self.plan is not None else 0}
         out["total"] = sum(out.values())
+        # GlassConfig.weights: the quantized rows stand in for the FFN's released float weights
+        # (storage that replaced larger storage, so not part of the total overhead)
+        out["quantized_rows"] = sum(q.nbytes for q in self.quantized or [])
         return out
 
 

@@ -7,6 +7,6 @@ imported. Inputs are expected to be validated by glass_kernels.ops.
 
 from glass_kernels.triton.neuron_stats import neuron_stats_
 from glass_kernels.triton.select_neurons import select_neurons
-from glass_kernels.triton.sparse_ffn import sparse_ffn, sparse_mlp
+from glass_kernels.triton.sparse_ffn import sparse_ffn, sparse_ffn_q, sparse_mlp, sparse_mlp_q
 
-__all__ = ["sparse_ffn", "sparse_mlp", "neuron_stats_", "select_neurons"]
+__all__ = ["sparse_ffn", "sparse_mlp", "sparse_ffn_q", "sparse_mlp_q", "neuron_stats_", "select_neurons"]

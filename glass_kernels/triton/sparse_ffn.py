@@ -74,13 +74,38 @@ def _accumulate(acc, xt, w, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(w_ptr, rows, offs_d, mask, QTYPE: tl.constexpr):
+    # [K, BLOCK_D] weights of the rows starting at element (float) or byte (quantized) offsets
+    # ``rows``. Quantized rows (glass.h's glass_qtype) are 32-value blocks: an fp16 scale (2 bytes,
+    # little-endian) then Q8_0: 32 int8 values; Q4_0: 16 bytes, value i in the low nibble of byte i
+    # (i < 16) or the high nibble of byte i - 16, minus 8. The value is scale * q, in fp32.
+    # (one return at the end: Triton compiles code after a return inside a constexpr branch)
+    if QTYPE == 0:
+        w = tl.load(w_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    else:
+        block_bytes: tl.constexpr = 34 if QTYPE == 1 else 18
+        pos = offs_d % 32
+        base = rows[:, None] + ((offs_d // 32) * block_bytes)[None, :]
+        lo = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
+        hi = tl.load(w_ptr + base + 1, mask=mask, other=0).to(tl.uint16)
+        scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+        if QTYPE == 1:
+            q = tl.load(w_ptr + base + 2 + pos[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
+            w = q.to(tl.float32) * scale
+        else:
+            byte = tl.load(w_ptr + base + 2 + (pos % 16)[None, :], mask=mask, other=0).to(tl.int32)
+            w = (((byte >> ((pos // 16) * 4)[None, :]) & 15).to(tl.float32) - 8.0) * scale
+    return w
+
+
+@triton.jit
 def _sparse_ffn_kernel(
     x_ptr, w1_ptr, w3_ptr, wo_ptr, b1_ptr, idx_ptr, part_ptr,
     B, T, d, ldw, k, idx_stride_b, npp,
     D_BUCKET, K_BUCKET,  # autotune keys only
     GATED: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr,
     BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, QTYPE: tl.constexpr = 0,
 ):
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -98,7 +123,9 @@ def _sparse_ffn_kernel(
         mask_k = offs_k < k
         # int64 row offsets: D * d can pass 2**31 elements on large models.
         ridx = tl.load(idx_ptr + b * idx_stride_b + offs_k, mask=mask_k, other=0).to(tl.int64)
-        rows = ridx * ldw  # weight rows are ldw apart (d, or 3d / 2d in the neuron-bundled layout)
+        # weight rows are ldw elements apart (d, or 3d / 2d in the neuron-bundled layout); quantized
+        # rows (QTYPE > 0): ldw bytes apart
+        rows = ridx * ldw
 
         # Broadcast path: keep [BLOCK_T, BLOCK_K, BLOCK_D] fp32 partial products and reduce over d
         # once after the loop (one cross-lane reduction per block instead of one per d chunk).
@@ -113,12 +140,11 @@ def _sparse_ffn_kernel(
             mask_d = offs_d < d
             xt = tl.load(x_ptr + x_rows[:, None] + offs_d[None, :],
                          mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            w_off = rows[:, None] + offs_d[None, :]
             w_mask = mask_k[:, None] & mask_d[None, :]
-            w1 = tl.load(w1_ptr + w_off, mask=w_mask, other=0.0)
+            w1 = _load_rows(w1_ptr, rows, offs_d, w_mask, QTYPE)
             acc1 = _accumulate(acc1, xt, w1, USE_DOT, DOT_F32)
             if GATED:
-                w3 = tl.load(w3_ptr + w_off, mask=w_mask, other=0.0)
+                w3 = _load_rows(w3_ptr, rows, offs_d, w_mask, QTYPE)
                 acc3 = _accumulate(acc3, xt, w3, USE_DOT, DOT_F32)
         if USE_DOT:
             g = acc1
@@ -139,8 +165,7 @@ def _sparse_ffn_kernel(
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + arange_d
             mask_d = offs_d < d
-            wo = tl.load(wo_ptr + rows[:, None] + offs_d[None, :],
-                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            wo = _load_rows(wo_ptr, rows, offs_d, mask_k[:, None] & mask_d[None, :], QTYPE).to(tl.float32)
             if USE_DOT:
                 y = tl.dot(h, wo, input_precision="ieee")
             else:
@@ -192,9 +217,20 @@ def bcast_configs(block_t: int) -> list:
     BLOCK_T * BLOCK_K^2 * BLOCK_D <= 16384 * num_warps; BLOCK_K = 32 with 2+ tokens left an 8-byte
     stack frame in sparse_mlp (gelu), so it is kept for T = 1 only. BLOCK_D >= 64: 128-byte rows.
     """
+    return _bcast_configs(block_t, 16384)
+
+
+def quant_bcast_configs(block_t: int) -> list:
+    """``bcast_configs`` for quantized rows: dequantizing holds a scale and the raw bytes beside each
+    fp32 weight, so half the budget (BLOCK_T * BLOCK_K^2 * BLOCK_D <= 8192 * num_warps; Q4_0 at
+    16384 spilled 200 bytes at BLOCK_D 256 and 512), measured as above."""
+    return _bcast_configs(block_t, 8192)
+
+
+def _bcast_configs(block_t: int, budget: int) -> list:
     cfgs = [triton.Config({"BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=3)
             for bk in (16, 32) for bd in (64, 128, 256, 512) for w in (4, 8)
-            if block_t * bk * bk * bd <= 16384 * w and (bk == 16 or block_t == 1)]
+            if block_t * bk * bk * bd <= budget * w and (bk == 16 or block_t == 1)]
     return cfgs or [triton.Config({"BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=3)]
 
 
@@ -205,14 +241,28 @@ DOT_CONFIGS = [
     triton.Config({"BLOCK_K": 16, "BLOCK_D": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=3),
 ]
+# Quantized rows on the tl.dot path: 16 tokens x (16 or 32 neurons) x 64 values spilled (4 or 8 warps;
+# Q4_0 up to 456 bytes); 32-value chunks (one quantized block) did not.
+QUANT_DOT_CONFIGS = [
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+]
 # Keys: d and the D / k buckets (explicit and stable, the issue's contract), npp (how many
-# neurons one program walks), gated or not; the Autotuner adds every tensor's dtype by itself.
+# neurons one program walks), gated or not, the row format; the Autotuner adds every tensor's dtype by itself.
 # One autotuner per token tile, each with the configs that fit that tile.
-_KEY = ["d", "D_BUCKET", "K_BUCKET", "npp", "GATED"]
+_KEY = ["d", "D_BUCKET", "K_BUCKET", "npp", "GATED", "QTYPE"]
 _PRUNE = {"early_config_prune": _prune_configs}
-_TUNED = {bt: triton.autotune(bcast_configs(bt), key=_KEY, prune_configs_by=_PRUNE)(_sparse_ffn_kernel)
-          for bt in (1, 2, 4, 8)}
-_TUNED[16] = triton.autotune(DOT_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_sparse_ffn_kernel)
+
+
+def _tuned(configs: list):
+    return triton.autotune(configs, key=_KEY, prune_configs_by=_PRUNE)(_sparse_ffn_kernel)
+
+
+# One autotuner per (token tile, quantized rows or not), each with the configs that fit it.
+_TUNED = {(bt, False): _tuned(bcast_configs(bt)) for bt in (1, 2, 4, 8)}
+_TUNED.update({(bt, True): _tuned(quant_bcast_configs(bt)) for bt in (1, 2, 4, 8)})
+_TUNED[16, False] = _tuned(DOT_CONFIGS)
+_TUNED[16, True] = _tuned(QUANT_DOT_CONFIGS)
 
 # Fixed configuration under the interpreter: small tiles so that odd d (e.g. 37) spans several
 # masked chunks, and no autotuning (each interpreted launch costs hundreds of ms).
@@ -238,7 +288,10 @@ def _plan(B: int, T: int, d: int, k: int, device: torch.device) -> dict:
             "USE_DOT": block_t >= 16, "interp": interp}
 
 
-def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
+_QTYPE_CODE = {None: 0, "q8_0": 1, "q4_0": 2}
+
+
+def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool, wtype: str | None = None):
     act = activation_code(activation)
     shape = x.shape
     x3 = x.unsqueeze(0) if x.dim() == 2 else x
@@ -250,6 +303,7 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
         B, T = 1, B * T
     D = w1.shape[0]
     k = idx.shape[-1]
+    qtype = _QTYPE_CODE[wtype]
     idx_stride_b = k if idx.dim() == 2 else 0
     x3 = x3.contiguous()
     y = torch.empty_like(x3)
@@ -261,8 +315,9 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
     dummy = x3  # never read: HAS_B1 / HAS_BO are constexpr False
     args = (x3, w1, w3 if gated else w1, wo, b1 if b1 is not None else dummy, idx, part,
             B, T, d, w1.stride(0), k, idx_stride_b, p["npp"], bucket(D), bucket(k))
-    meta = dict(GATED=gated, HAS_B1=b1 is not None, ACT=act, BLOCK_T=p["BLOCK_T"],
-                USE_DOT=p["USE_DOT"], DOT_F32=p["interp"] or x.dtype == torch.float32)
+    # quantized rows dequantize to fp32: tl.dot then takes fp32 operands too
+    meta = dict(GATED=gated, HAS_B1=b1 is not None, ACT=act, BLOCK_T=p["BLOCK_T"], USE_DOT=p["USE_DOT"],
+                DOT_F32=p["interp"] or x.dtype == torch.float32 or qtype > 0, QTYPE=qtype)
     grid_main = (n_split, B, p["n_t"])
     if n_split == 0:  # k == 0: y = b_out (or 0); the reduction below sums no partial row
         pass
@@ -270,7 +325,7 @@ def _sparse_launch(x, w1, w3, wo, b1, bo, idx, activation: str, gated: bool):
         launch(_sparse_ffn_kernel)[grid_main](*args, **meta, BLOCK_K=_INTERP_BLOCK_K,
                                               BLOCK_D=_INTERP_BLOCK_D)
     else:
-        launch(_TUNED[p["BLOCK_T"]])[grid_main](*args, **meta)
+        launch(_TUNED[p["BLOCK_T"], qtype > 0])[grid_main](*args, **meta)
     reduce_block = 64 if p["interp"] else _REDUCE_BLOCK_D
     launch(_sparse_ffn_reduce_kernel)[(B * T, cdiv(d, reduce_block))](
         part, bo if bo is not None else dummy, y, B * T, d, n_split,
@@ -293,3 +348,16 @@ def sparse_mlp(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w
                b_out: torch.Tensor | None, idx: torch.Tensor, activation: str = "gelu") -> torch.Tensor:
     """Non-gated sparse MLP: y = sum_{i in idx} act(W_in[i] . x + b_in[i]) * W_out_t[i] + b_out."""
     return _sparse_launch(x, w_in, None, w_out_t, b_in, b_out, idx, activation, gated=False)
+
+
+def sparse_ffn_q(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 idx: torch.Tensor, activation: str, wtype: str) -> torch.Tensor:
+    """``sparse_ffn`` over quantized rows (uint8 [D, row_bytes], glass_kernels.quant's layout; rows one
+    common byte stride apart, a whole number of blocks): the same kernel, dequantizing as it loads."""
+    return _sparse_launch(x, w_gate, w_up, w_down_t, None, None, idx, activation, gated=True, wtype=wtype)
+
+
+def sparse_mlp_q(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out_t: torch.Tensor,
+                 b_out: torch.Tensor | None, idx: torch.Tensor, activation: str, wtype: str) -> torch.Tensor:
+    """``sparse_mlp`` over quantized rows (see ``sparse_ffn_q``)."""
+    return _sparse_launch(x, w_in, None, w_out_t, b_in, b_out, idx, activation, gated=False, wtype=wtype)

@@ -107,6 +107,34 @@ GLASS_API glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activat
                                                 int64_t k, int idx_batched, void* y);
 
 /*
+ * Quantized weight rows (weight-only quantization; activations x / y / biases stay in `dtype`):
+ * ggml's Q8_0 / Q4_0 block layout, byte for byte, so a stack that holds such rows can hand them over.
+ * A row of d values (d % 32 == 0) is d / 32 blocks of 32 values, each block
+ *   Q8_0 (34 bytes): uint16 s (an IEEE fp16 scale), int8 q[32];                 value j = s * q[j]
+ *   Q4_0 (18 bytes): uint16 s (fp16 scale), uint8 q[16]; value j < 16 = s * ((q[j] & 15) - 8),
+ *                    value 16 + j = s * ((q[j] >> 4) - 8)
+ * (little-endian). Row i of each weight starts ldw / 32 blocks after row i - 1: ldw = d for
+ * separate [D, d] matrices, 3d for the neuron-bundled layout (w_up = w_gate + d / 32 blocks, ...);
+ * ldw must be a multiple of 32 and >= d, else GLASS_ERR_SIZE. The products are accumulated in fp32
+ * (each block's dot product unscaled, then times its scale). Everything else as glass_sparse_ffn /
+ * glass_sparse_mlp.
+ */
+typedef enum { GLASS_Q8_0 = 0, GLASS_Q4_0 = 1, GLASS_QTYPE_INT_RANGE_ = 0x7fffffff } glass_qtype;
+
+GLASS_API glass_status glass_sparse_ffn_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
+                                          const void* x, int64_t B, int64_t T, int64_t d,
+                                          const void* w_gate, const void* w_up, const void* w_down_t,
+                                          int64_t ldw, int64_t D, const int32_t* idx, int64_t k,
+                                          int idx_batched, void* y);
+GLASS_API glass_status glass_sparse_mlp_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
+                                          const void* x, int64_t B, int64_t T, int64_t d,
+                                          const void* w_in, const void* b_in, const void* w_out_t,
+                                          const void* b_out, int64_t ldw, int64_t D,
+                                          const int32_t* idx, int64_t k, int idx_batched, void* y);
+/* Name of the quantized kernel the current ISA runs, e.g. "q8_0_sparse_ffn__avx2". */
+GLASS_API const char* glass_qkernel_name(glass_qtype wtype);
+
+/*
  * Neuron statistics (GRIFFIN's, docs/method.md), ADDED into out fp32 [B, D]:
  * for each token t of sequence b with mask[b,t] != 0 (or mask == NULL): v = h[b,t,:]
  * (times down_norms elementwise when down_norms != NULL: the impact form), n = ||v||_2 in fp32;
