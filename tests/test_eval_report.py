@@ -56,6 +56,8 @@ def test_eval_report_files_and_content(tmp_path):
     # A-GLASS 1.5 vs GRIFFIN 2.0: -25.0%; I-GLASS 2.5: +25.0% and "does NOT beat"
     assert "A-GLASS beats GRIFFIN (KL -25.0%" in md
     assert "I-GLASS does NOT beat GRIFFIN (KL +25.0%" in md
+    # global 1.8 vs A-GLASS 1.5, s.e. 0.1 each: 0.3 > 2 * 0.141, supported
+    assert "aggregation adds over the global prior" in md
     assert "| a-glass lam=0.75 | 1.500 ± 0.100 | -25.0% | 20.00 | 0.500 |" in md
     assert "in 2 of 2 layers" in md  # aggregated >= local and global in both fake layers
     assert "Best lambda (lowest tune KL): A-GLASS 0.5" in md
@@ -179,3 +181,23 @@ def test_eval_report_quantized_rows_table_and_plot(tmp_path):
     assert "| dense [int8] | int8 | 1 | 0.266 | 0.010 ± 0.100 |" in md
     assert "| a-glass [int4] | int4 | 0.5 | 0.070 | 1.200 ± 0.100 |" in md
     assert "quantized_rows.png" in md
+
+
+def test_bench_report_names_quantized_weights_and_their_ceiling():
+    doc = fake_bench()
+    doc["benchmarks"][2]["extra_info"].update(weights="int8", amdahl_ceiling_bytes=2.1)
+    md = BR.markdown(doc)
+    assert "| 0.5 | a-glass [int8] | 2 | 40.0 | 1.25x | 1.43x |" in md
+    assert "keep 0.5 2.10x" in md
+    assert "| 0.5 | a-glass | 2 |" not in md
+
+
+def test_verdict_claims_only_what_the_standard_errors_support():
+    res = fake_results()
+    r = res["heldout"]["results"]
+    r["global@0.5"]["kl"] = 1.6  # 0.1 from A-GLASS's 1.5 with s.e. 0.1 each: not supported
+    r["i-glass lam=0.5@0.5"]["kl"] = 2.1  # 0.1 above GRIFFIN's 2.0: within the errors
+    v = REP.verdict(res["heldout"], 0.5)
+    assert "A-GLASS beats GRIFFIN" in v
+    assert "I-GLASS is within the standard errors of GRIFFIN" in v
+    assert "no evidence that aggregation adds over the global prior" in v

@@ -184,10 +184,18 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
                 r = m["decode"][keep]
                 sp = r.get("speedup")
                 ce = r.get("amdahl_ceiling")
-                L.append(f"| {'dense' if keep == 1.0 else f'{keep:g}'} | {r.get('method')} | {r.get('threads')} | "
+                w = r.get("weights")
+                meth = f"{r.get('method')} [{w}]" if w not in (None, "float") else r.get("method")
+                L.append(f"| {'dense' if keep == 1.0 else f'{keep:g}'} | {meth} | {r.get('threads')} | "
                          f"{r.get('tokens_per_s', float('nan')):.1f} | {'-' if sp is None else f'{sp:.2f}x'} | "
                          f"{'-' if ce is None or keep == 1.0 else f'{ce:.2f}x'} | "
                          f"{'-' if keep == 1.0 else f'{1 / keep:.2f}x'} | {_sparse_steps(r)} |")
+            quantized = [(k, r) for k, r in sorted(m["decode"].items(), reverse=True) if r.get("amdahl_ceiling_bytes")]
+            if quantized:
+                L += ["", f"[{quantized[0][1].get('weights')}] = FFN weights as quantized rows (the dense rounds run the "
+                      "float model; quantized rows use the C core's default neurons in flight, not tuned). Ceiling if the "
+                      "FFN time shrank with its bytes (keep x quantized / fp32 bytes): "
+                      + ", ".join(f"keep {k:g} {r['amdahl_ceiling_bytes']:.2f}x" for k, r in quantized) + "."]
             if m["ttft"]:
                 L += ["", "| time to first token | method | prompt tokens | ms | vs dense |", "|---|---|---|---|---|"]
                 dense = m["ttft"].get(1.0)

@@ -233,6 +233,14 @@ def plot_names(res: dict) -> list[str]:
                                        ("quantized_rows.png", bool(res.get("quant")))) if present]
 
 
+def _kl_order(v: dict, ref: dict) -> int:
+    """-1 / 1 when v's KL is lower / higher than ref's by more than twice the standard error of the
+    difference (the two s.e. combined as if independent: conservative, the prompts are shared), else 0."""
+    se = math.sqrt(v.get("kl_sem", 0.0) ** 2 + ref.get("kl_sem", 0.0) ** 2)
+    diff = v["kl"] - ref["kl"]
+    return 0 if abs(diff) <= 2 * se else (-1 if diff < 0 else 1)
+
+
 def verdict(h: dict, keep: float) -> str:
     """One honest sentence: does GLASS beat GRIFFIN at this keep on the held-out prompts?"""
     r = {v["name"]: v for k, v in h["results"].items() if k != "dense" and v["keep"] == keep}
@@ -249,13 +257,14 @@ def verdict(h: dict, keep: float) -> str:
             continue
         dk = 100 * (v["kl"] / g["kl"] - 1)
         dp = 100 * (v["ppl"] / g["ppl"] - 1)
-        word = "beats" if v["kl"] < g["kl"] else "does NOT beat"
+        word = {-1: "beats", 0: "is within the standard errors of", 1: "does NOT beat"}[_kl_order(v, g)]
         out.append(f"{label} {word} GRIFFIN (KL {dk:+.1f}%, perplexity {dp:+.1f}%)")
     s = f"**At keep {keep:g}: " + "; ".join(out) + ".**"
     if gl is not None:
         s += (f" Global-only (NPS) KL {gl['kl']:.3f} vs A-GLASS {a['kl']:.3f}: "
-              + ("aggregation adds over the global prior." if a["kl"] < gl["kl"]
-                 else "aggregation does not improve on the global prior alone."))
+              + {-1: "aggregation adds over the global prior.",
+                 0: "within the standard errors: no evidence that aggregation adds over the global prior.",
+                 1: "aggregation is worse than the global prior alone."}[_kl_order(a, gl)])
     if at is not None:
         s += (f" NPS vs text statistics for A-GLASS: KL {a['kl']:.3f} vs {at['kl']:.3f} "
               f"({_pct(a['kl'], at['kl'])}).")
