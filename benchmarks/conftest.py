@@ -51,12 +51,14 @@ def machine_info() -> dict:
     load = other_load()
     if load is not None:
         info["other_load_cores"] = round(load, 3)
-    try:
-        import glass_kernels._C as _C  # the C++ core, if built
+    from glass_kernels import _ext
 
+    _C = _ext.load()  # the C++ core, if built (loading it also chooses its threading)
+    if _C is not None:
         info["isa"] = _C.get_isa()
         info["isas"] = ",".join(_C.supported_isas())
-    except ImportError:
+        info["threading"] = _C.get_threading()
+    else:
         info["isa"] = "none (extension not built)"
     return info
 

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from conftest import machine_info, median_s, quick_mode, set_threads
 
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
-from glass_kernels import tuning  # noqa: E402
+from glass_kernels import _ext, tuning  # noqa: E402
 from glass_kernels import quant  # noqa: E402
 from glass_kernels.ffn.layout import bundled_views  # noqa: E402
 
+_ext.load()  # the library's threading choice (torch's OpenMP team where shared), as in a patched model
 DEFAULT_TUNING = _C.get_decode_tuning()
 
 GIB = 1 << 30

@@ -75,8 +75,11 @@ def _set_threads(n: int | None) -> None:
 def _kernel_info() -> str:
     try:
         from . import _C  # type: ignore[attr-defined]
+        from . import _ext
 
-        return f"C++ core, ISA {_C.get_isa()} (supported: {', '.join(_C.supported_isas())})"
+        _ext.load()  # chooses the threading
+        return (f"C++ core, ISA {_C.get_isa()} (supported: {', '.join(_C.supported_isas())}), "
+                f"{_C.get_threading()} threads")
     except Exception as e:  # not built: the pure-torch reference runs
         return f"pure-torch reference (C++ extension unavailable: {type(e).__name__})"
 

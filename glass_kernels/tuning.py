@@ -88,7 +88,8 @@ def cache_file() -> Path:
 
 
 def _key(dtype: torch.dtype, d: int, threads: int, layout: str = "separate") -> str:
-    return f"{str(dtype).replace('torch.', '')}/d{d}/t{threads}/{layout}"
+    # the threading (the core's pool or torch's OpenMP team) is part of what was measured
+    return f"{str(dtype).replace('torch.', '')}/d{d}/t{threads}/{layout}/{_ext().threading() or 'none'}"
 
 
 def _load_cache(path: Path) -> dict:

@@ -253,6 +253,15 @@ PYBIND11_MODULE(_C, m) {
       "Threads used by the kernels (n <= 0: all cores).");
   m.def("get_num_threads", []() { return glass_get_num_threads(); });
   m.def(
+      "set_threading",
+      [](const std::string& how) {
+        if (how != "pool" && how != "openmp") throw py::value_error("threading must be 'pool' or 'openmp', got '" + how + "'");
+        check(glass_set_threading(how == "openmp" ? GLASS_THREADING_OPENMP : GLASS_THREADING_POOL));
+      },
+      py::arg("how"),
+      "Where the kernels' threads come from: 'pool' (the core's own) or 'openmp' (the process's OpenMP team).");
+  m.def("get_threading", []() { return std::string(glass_get_threading() == GLASS_THREADING_OPENMP ? "openmp" : "pool"); });
+  m.def(
       "set_decode_tuning",
       [](int neurons_in_flight, int prefetch_neurons) {
         check(glass_set_decode_tuning(neurons_in_flight, prefetch_neurons));

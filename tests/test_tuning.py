@@ -143,7 +143,7 @@ def test_measured_once_then_cached(cache, setting, monkeypatch):
     assert session(model).layout == t.layout
     unpatch(model)
     doc = json.loads(tuning.cache_file().read_text())
-    entry = doc["entries"][f"float32/d{tm.D_MODEL}/t{torch.get_num_threads()}/auto"]
+    entry = doc["entries"][f"float32/d{tm.D_MODEL}/t{torch.get_num_threads()}/auto/{_ext.threading()}"]
     assert entry["isa"] == t.isa and entry["versions"]["glass_kernels_commit"]
     patch(model, method="griffin", keep=0.5, tune=True)
     assert session(model).decode_tuning.source == "cached" and len(calls) == 4

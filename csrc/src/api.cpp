@@ -1,5 +1,8 @@
 // The C ABI: argument validation, ISA dispatch, thread count, workspace, error messages.
 #include <atomic>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sched.h>
 #endif
@@ -296,6 +299,43 @@ void decode_tuning(int* group, int* prefetch) {
   *prefetch = g_prefetch().load();
 }
 
+// Threading (parallel.h): which implementations this build has, and the one in use (-1: not yet
+// read from GLASS_THREADING).
+#if defined(_OPENMP)
+constexpr bool kHaveOpenMP = true;
+#else
+constexpr bool kHaveOpenMP = false;
+#endif
+#if defined(GLASS_THREADPOOL) || !defined(_OPENMP)
+constexpr bool kHavePool = true;
+#else
+constexpr bool kHavePool = false;
+#endif
+std::atomic<int> g_threading{-1};
+
+int default_threading() {
+  const char* v = std::getenv("GLASS_THREADING");
+  if (v && std::strcmp(v, "openmp") == 0 && kHaveOpenMP) return GLASS_THREADING_OPENMP;
+  if (v && std::strcmp(v, "pool") == 0 && kHavePool) return GLASS_THREADING_POOL;
+  return kHavePool ? GLASS_THREADING_POOL : GLASS_THREADING_OPENMP;
+}
+
+#if (defined(__unix__) || defined(__APPLE__)) && defined(_OPENMP)
+// GNU OpenMP cannot start a team in a forked child once the parent has used one (the child hangs),
+// so a child (DataLoader workers, forking servers) goes back to the pool, which is fork-safe.
+const int kPoolAfterFork =
+    pthread_atfork(nullptr, nullptr, [] { g_threading.store(kHavePool ? GLASS_THREADING_POOL : -1); });
+#endif
+
+bool threading_openmp() {
+  int t = g_threading.load(std::memory_order_relaxed);
+  if (t < 0) {
+    t = default_threading();
+    g_threading.store(t, std::memory_order_relaxed);
+  }
+  return t == GLASS_THREADING_OPENMP;
+}
+
 int num_threads() {
   static const int dflt = default_threads();
   const int n = g_threads.load();
@@ -538,6 +578,25 @@ const char* glass_kernel_name(glass_dtype dtype, int gated) {
 }
 
 void glass_set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
+
+glass_status glass_set_threading(glass_threading threading) {
+  g_error[0] = '\0';
+  if (threading != GLASS_THREADING_POOL && threading != GLASS_THREADING_OPENMP) {
+    set_error("set_threading: %d is not a glass_threading value", static_cast<int>(threading));
+    return GLASS_ERR_ARG;
+  }
+  if ((threading == GLASS_THREADING_OPENMP && !kHaveOpenMP) || (threading == GLASS_THREADING_POOL && !kHavePool)) {
+    set_error("set_threading: this build of the core has no %s threading",
+              threading == GLASS_THREADING_OPENMP ? "OpenMP" : "pool");
+    return GLASS_ERR_UNSUPPORTED;
+  }
+  g_threading.store(threading, std::memory_order_relaxed);
+  return GLASS_OK;
+}
+
+glass_threading glass_get_threading(void) {
+  return threading_openmp() ? GLASS_THREADING_OPENMP : GLASS_THREADING_POOL;
+}
 
 glass_status glass_set_decode_tuning(int neurons_in_flight, int prefetch_neurons) {
   g_error[0] = '\0';

@@ -3,14 +3,17 @@
 //   parallel_items(n, nthreads, f)   calls f(item) once for every item in [0, n), items claimed
 //                                    dynamically by the caller and up to nthreads - 1 helpers.
 //
-// Two implementations (CMake option GLASS_THREADPOOL):
-//  - ON (default): a small persistent pool in which the CALLER works too and waits only for items
-//    that a helper has actually claimed. A helper that is not scheduled in time (a machine shared
-//    with other work) simply finds nothing left, and nobody waits for it. Measured on the 2-core
-//    dev box under a load of ~3.5: an OpenMP parallel region (whose join must wait for every team
-//    thread to arrive, scheduled or not) made sparse_ffn with 2 threads ~3x slower than with 1;
-//    with this pool 2 threads are never slower than 1.
-//  - OFF: an OpenMP parallel region running the same dynamic claim loop.
+// Two implementations, chosen at run time (glass_set_threading, glass.h) when both are compiled in:
+//  - the pool (default; CMake option GLASS_THREADPOOL, ON): a small persistent pool in which the
+//    CALLER works too and waits only for items that a helper has actually claimed. A helper that is
+//    not scheduled in time (a machine shared with other work) simply finds nothing left, and nobody
+//    waits for it. Measured on the 2-core dev box under a load of ~3.5: an OpenMP parallel region
+//    (whose join must wait for every team thread to arrive, scheduled or not) made sparse_ffn with
+//    2 threads ~3x slower than with 1; with this pool 2 threads are never slower than 1.
+//  - OpenMP (when the core is built with it): a parallel region running the same dynamic claim loop,
+//    on the process's OpenMP team. Inside PyTorch that team is torch's own (same libgomp), awake
+//    between torch's ops, where the pool's helpers would have to win a core from torch's spinning
+//    threads first; glass_kernels switches to it in that case (glass_kernels/_ext.py).
 //
 // Everything in this header has internal linkage (anonymous namespace): it is included by files
 // compiled with different ISA flags, and an inline function with external linkage could be merged
@@ -27,6 +30,7 @@
 namespace glass {
 
 int num_threads();  // api.cpp: the configured thread count (>= 1)
+bool threading_openmp();  // api.cpp: true when glass_set_threading chose OpenMP (never without it)
 
 // parallel.cpp: runs fn(ctx, item) for item in [0, n) on the caller + up to nthreads - 1 pool
 // threads; returns when every item is done.
@@ -48,9 +52,13 @@ static inline void parallel_items(int64_t n, int nthreads, F&& f) {
     return;
   }
 #if defined(GLASS_THREADPOOL) || !defined(_OPENMP)
-  using Fn = typename std::remove_reference<F>::type;
-  pool_run(n, nthreads, &parallel_items_thunk<Fn>, static_cast<void*>(&f));
-#else
+  if (!threading_openmp()) {
+    using Fn = typename std::remove_reference<F>::type;
+    pool_run(n, nthreads, &parallel_items_thunk<Fn>, static_cast<void*>(&f));
+    return;
+  }
+#endif
+#if defined(_OPENMP)
   int64_t next = 0;
 #pragma omp parallel num_threads(nthreads)
   for (;;) {

@@ -249,6 +249,12 @@ void test_ffn() {
         // The chunking does not depend on the thread count: bitwise the same result.
         if (nt == 1) one_thread = y;
         else CHECK(y == one_thread, "%s: %d threads differ from 1 thread", glass_isa_name(isa), nt);
+        if (nt > 1 && glass_set_threading(GLASS_THREADING_OPENMP) == GLASS_OK) {
+          // the same chunks on the OpenMP team: the same bits
+          CHECK(run_ffn_case(c, seed, nullptr) == one_thread, "%s: %d OpenMP threads differ from 1 thread",
+                glass_isa_name(isa), nt);
+          glass_set_threading(GLASS_THREADING_POOL);
+        }
         if (isa == GLASS_ISA_SCALAR && nt == 1 && si == 0) {
           ref_scalar = y;
           bnd = b;
@@ -689,6 +695,22 @@ void test_errors() {
   std::printf("errors: ok\n");
 }
 
+// glass_set_threading: the values it takes, and what a build without OpenMP answers.
+void test_threading() {
+  const glass_threading before = glass_get_threading();
+  CHECK(glass_set_threading(static_cast<glass_threading>(7)) == GLASS_ERR_ARG, "threading 7 accepted");
+  CHECK(glass_get_threading() == before, "a refused threading changed the setting");
+  const glass_status omp = glass_set_threading(GLASS_THREADING_OPENMP);
+#if defined(_OPENMP)
+  CHECK(omp == GLASS_OK && glass_get_threading() == GLASS_THREADING_OPENMP, "OpenMP threading refused");
+#else
+  CHECK(omp == GLASS_ERR_UNSUPPORTED && glass_get_threading() == before, "OpenMP threading without OpenMP");
+#endif
+  CHECK(glass_set_threading(GLASS_THREADING_POOL) == GLASS_OK && glass_get_threading() == GLASS_THREADING_POOL,
+        "pool threading refused");
+  std::printf("threading: pool%s\n", omp == GLASS_OK ? " and OpenMP" : " only (built without OpenMP)");
+}
+
 void test_names() {
   for (glass_isa isa : supported_isas()) {
     glass_set_isa(isa);
@@ -731,6 +753,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--isa-report") == 0) return 0;
   test_errors();
   test_names();
+  test_threading();
   test_select();
   test_stats();
   test_ffn();

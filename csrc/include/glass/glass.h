@@ -172,6 +172,23 @@ GLASS_API const char* glass_kernel_name(glass_dtype dtype, int gated);
 GLASS_API void glass_set_num_threads(int n);
 GLASS_API int glass_get_num_threads(void);
 
+/* Where those threads come from. GLASS_THREADING_POOL (the default): the core's own small pool, in
+ * which the caller works too and never waits for a helper that the OS has not scheduled (robust on
+ * a loaded machine). GLASS_THREADING_OPENMP: an OpenMP parallel region, i.e. the OpenMP team of the
+ * process. Inside a host that runs its own work on OpenMP threads (PyTorch's CPU build, with the
+ * same libgomp), that team is the host's: its threads are already awake between the host's ops,
+ * where a second pool would fight them for the cores (measured on a 2-core Xeon: a SmolLM2 FFN
+ * call inside the model took 480 us with the pool, 220 us on the host's team). The environment
+ * variable GLASS_THREADING=pool|openmp sets the default. GLASS_ERR_UNSUPPORTED if the core was
+ * built without OpenMP (the setting then stays as it was); GLASS_ERR_ARG for another value. */
+typedef enum {
+  GLASS_THREADING_POOL = 0,
+  GLASS_THREADING_OPENMP = 1,
+  GLASS_THREADING_INT_RANGE_ = 0x7fffffff
+} glass_threading;
+GLASS_API glass_status glass_set_threading(glass_threading threading);
+GLASS_API glass_threading glass_get_threading(void);
+
 /* Decode tuning of sparse_ffn / sparse_mlp when each index set has one token (B sequences of T = 1,
  * or B tokens sharing one set): how many selected neurons each thread keeps in flight (their gate/up
  * rows read together, then their down rows in one pass), 1..8 (1: one neuron at a time, with the
