@@ -96,6 +96,9 @@ class _Patched:
         self.tuning = None
         self.stats = None
         self._stats_loaded = False
+        # quantized rows: unpatch leaves the dequantized values, which are not the model the
+        # statistics were computed on; the float FFN weights are kept here and put back on unpatch
+        self._float_weights = None
 
     def patch(self):
         import glass_kernels as gk
@@ -105,6 +108,11 @@ class _Patched:
         if not self._stats_loaded:
             self.stats, self._stats_loaded = _stats(self.model, self.name), True
             self.method = "a-glass" if self.stats is not None else "griffin"
+        if WEIGHTS and self._float_weights is None:
+            from glass_kernels.ffn import find_ffn_sites
+
+            self._float_weights = [(p, p.detach().clone()) for site in find_ffn_sites(self.model)
+                                   for p in site.handler.weight_params(site.module)]
         gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep, weights=WEIGHTS), stats=self.stats)
         self.tuning = gk.session(self.model).decode_tuning.describe()
 
@@ -113,6 +121,10 @@ class _Patched:
 
         if is_patched(self.model):
             unpatch(self.model)
+        if self._float_weights is not None:
+            with torch.no_grad():
+                for p, w in self._float_weights:
+                    p.copy_(w)
 
     def __enter__(self):
         self.patch()

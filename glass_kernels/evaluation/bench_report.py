@@ -95,7 +95,8 @@ def _machine(doc: dict) -> str:
         extra = b.get("extra_info") or {}
         if extra:
             break
-    return (f"{extra.get('cpu') or cpu or '?'}, {extra.get('cores', '?')} cores, ISA {extra.get('isa', '?')}, "
+    threads = f" on {extra['threading']} threads" if extra.get("threading") else ""
+    return (f"{extra.get('cpu') or cpu or '?'}, {extra.get('cores', '?')} cores, ISA {extra.get('isa', '?')}{threads}, "
             f"torch {extra.get('torch', '?')}, transformers {extra.get('transformers', '?')}, "
             f"glass_kernels {extra.get('glass_kernels', '?')} (commit {extra.get('glass_kernels_commit', '?')}), "
             f"1-min load average after the first case {extra.get('loadavg_1m', '?')}")
