@@ -6,13 +6,13 @@ and whether the prompt's dense forward should run on contiguous copies of the re
 Nothing here is a constant tuned on one CPU. The best setting depends on the memory system (a
 2-core Xeon needs ~4 neurons in flight to reach STREAM bandwidth; other CPUs differ) and on the row
 length and dtype, so it is *measured*: a short timing of every candidate on the model's own FFN
-weights (cold caches: the model's FFN is cycled through, ~0.5-3 s), once per CPU model, dtype, row
+weights (the model's whole FFN is cycled through, as a decode step does, ~0.5-3 s), once per CPU model, dtype, row
 length and thread count, cached on disk as JSON (``<cache>/tuning/<cpu>.json``).
 
 Order of precedence for each setting: the environment (``GLASS_ISA``, ``GLASS_NEURONS_IN_FLIGHT``,
 ``GLASS_PREFETCH_NEURONS``: never overridden), then the cached or measured choice, then the C core's
-defaults. ``patch(model, tune="auto")`` measures only for models whose FFN weights exceed the
-last-level cache several times over (tiny test models keep the defaults); ``tune=True`` always
+defaults. ``patch(model, tune="auto")`` measures only for models whose FFN weights are at least
+``MIN_MEASURED_FFN_BYTES`` (tiny test models keep the defaults); ``tune=True`` always
 measures when nothing is cached, ``tune=False`` never does. ``python -m glass_kernels tune`` runs
 the measurement on a real model and prints the table.
 """
@@ -41,9 +41,12 @@ logger = logging.getLogger("glass_kernels.tuning")
 # path with its own one-neuron-ahead prefetch (the prefetch setting does not apply to it).
 CANDIDATES: tuple[tuple[int, int], ...] = ((1, 0), (2, 0), (4, 0), (4, 4), (4, 8), (8, 0), (8, 8))
 ENV_VARS = ("GLASS_ISA", "GLASS_NEURONS_IN_FLIGHT", "GLASS_PREFETCH_NEURONS")
-# patch(tune="auto") measures when the FFN weights are at least this many times the last-level cache:
-# below that, repeated calls hit the cache and the timing says nothing about decoding from DRAM.
-COLD_FACTOR = 4
+# patch(tune="auto") measures models whose FFN weights are at least this large. The measurement walks
+# every layer of the model's own FFN, as a decode step does, so whether those weights fit the cache or
+# not, it sees what decoding sees; only toy models (test models, where per-call overhead dominates)
+# are not worth the seconds. (It used to ask for 4x the last-level cache; a VM reports its host's L3,
+# 480 MiB on the Xeon, so SmolLM2 was never tuned there and decoded 3-6% slower.)
+MIN_MEASURED_FFN_BYTES = 64 << 20
 # Other processes' CPU use (cores) above which a measurement is not cached: it would freeze noise.
 BUSY_CORES = 0.25
 _FORMAT = 3  # 2: compact-read candidates and "compact_faster"; 3: layouts, prompt-copy entries
@@ -128,20 +131,6 @@ def apply(t: DecodeTuning) -> None:
                         p if "GLASS_PREFETCH_NEURONS" in env else t.prefetch_neurons)
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache (Linux sysfs); 32 MiB where it cannot be read."""
-    best = 0
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        try:
-            text = f.read_text().strip()
-        except OSError:
-            continue
-        m = re.fullmatch(r"(\d+)([KMG]?)", text)
-        if m:
-            best = max(best, int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
-    return best or (32 << 20)
-
-
 def _isa_candidates() -> list[str]:
     """The vector paths worth timing against each other (scalar never wins where one exists)."""
     isas = [i for i in _ext().supported_isas() if i != "scalar"]
@@ -154,7 +143,7 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
 
     ``layers``: per FFN layer the gated operands (w_gate, w_up, w_down_t), each [D, d] in ``dtype``
     with contiguous rows one common stride apart (separate or bundled, see glass_kernels.ffn.layout). One token, a sorted random set of keep * D neurons per layer; every timing walks all
-    layers once (cold caches when they exceed the last-level cache), candidates interleaved round by
+    layers once (cold caches where they exceed the last-level cache, as in decoding), candidates interleaved round by
     round so that drift hits all alike; the median of ``rounds``. ``compact``: also time, per ISA,
     the same kernel reading k contiguous rows (what a compacted copy of the selection costs to read),
     keyed (isa, n, p, "compact").
@@ -325,9 +314,8 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
                             "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)),
                             entry.get("layout", fixed))
     layers = _gated_layers(sites)
-    ffn_bytes = _ffn_bytes(sites)
-    cold = ffn_bytes >= COLD_FACTOR * last_level_cache_bytes()
-    if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not cold):
+    big = _ffn_bytes(sites) >= MIN_MEASURED_FFN_BYTES
+    if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not big):
         c = current()
         return dataclasses.replace(c, layout=fixed)
     t0 = time.perf_counter()
@@ -349,7 +337,7 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     doc.setdefault("entries", {})[key] = {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": lay, "gbps": table,
         "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
-        "ffn_bytes": ffn_bytes, "cold": cold, "keep": keep,
+        "ffn_bytes": _ffn_bytes(sites), "keep": keep,
         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": software_versions(),
     }
@@ -471,7 +459,7 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     entry = doc.get("entries", {}).get(key)
     if entry is not None:
         return PromptCopy(float(entry["min_tokens"]), "cached", entry.get("ms"))
-    if tune is False or (tune == "auto" and _ffn_bytes(sites) < COLD_FACTOR * last_level_cache_bytes()):
+    if tune is False or (tune == "auto" and _ffn_bytes(sites) < MIN_MEASURED_FFN_BYTES):
         # as for the decode setting, tiny (test) models are not timed: the default
         return PromptCopy(0.0 if w.dtype != torch.float32 else float("inf"), "default")
     before = cpu_sample()

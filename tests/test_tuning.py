@@ -130,6 +130,17 @@ def test_tiny_models_keep_the_defaults_unless_asked(cache, setting):
     unpatch(model)
 
 
+def test_auto_measures_models_above_the_size_floor_whatever_the_cache(cache, setting, monkeypatch):
+    # the floor is a model size, not a multiple of the (VM-reported) last-level cache
+    model = tm.build("llama")
+    monkeypatch.setattr(tuning, "MIN_MEASURED_FFN_BYTES", 1)
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: real(*a, **{**k, "rounds": 1}))
+    patch(model, method="griffin", keep=0.5)  # tune="auto"
+    assert session(model).decode_tuning.source.startswith("measured")
+    unpatch(model)
+
+
 def test_measured_once_then_cached(cache, setting, monkeypatch):
     model = tm.build("qwen2")
     calls = []
