@@ -110,7 +110,8 @@ def markdown_report(res: dict, command: str | None = None) -> str:
     s = res["settings"]
     m = res.get("machine", {})
     L += [f"Machine: {m.get('cpu', '?')}, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch')}, "
-          f"C++ core: {m.get('glass_ext')} ({m.get('glass_isa', '-')}). Model fp32, "
+          f"C++ core: {m.get('glass_ext')} ({m.get('glass_isa', '-')}). Model in fp32 (the shipped checkpoints are "
+          f"4-bit GGUF files, dequantized at load), "
           f"{'chat template' if res.get('chat_template') else 'raw prompt'}.", ""]
     if command:
         L += ["Command:", "", f"    {command}", ""]
