@@ -15,8 +15,11 @@
              through >= 1 GiB of quantized layers, neurons in flight chosen by a short timing in the
              same run; GB/s counts the quantized bytes read, x dense compares with torch dense fp32
 
-Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB: the L3 (hundreds of MiB)
-cannot hold them, every call streams its weights from DRAM as a real decode step does. The same
+Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB, and a sparse case cycles
+through ceil(1 / keep) index sets that together cover every neuron (after all layers with one set, all
+layers with the next): the bytes read between two reads of the same row are >= 1 GiB at any keep, so
+the L3 (hundreds of MiB) cannot hold them and every call streams its weights from DRAM as a real
+decode step does. The same
 run measures a STREAM-like read bandwidth (a sum over 1 GiB), and times select_neurons and
 neuron_stats at D = 14336, T = 32 against the dense FFN prefill of those 32 tokens.
 
@@ -135,10 +138,27 @@ def _get_layers(d, D, dtype) -> Layers:
     return _layers_cache[key]
 
 
-def _selection(D: int, keep: float) -> torch.Tensor:
+def _selections(D: int, keep: float) -> list[torch.Tensor]:
+    """ceil(1 / keep) index sets of k = keep * D neurons that together cover all D: consecutive pieces
+    of one random permutation (the last wraps around), each sorted. A case cycles through layers x
+    sets, so it reads every row of every layer before any repeats: >= 1 GiB between two reads of the
+    same bytes, at any keep (one set would repeat after keep x 1 GiB, which a VM's reported 480 MiB
+    L3 may partly hold)."""
     k = max(1, int(keep * D))
     g = torch.Generator().manual_seed(1)
-    return torch.randperm(D, generator=g)[:k].sort().values.to(torch.int32)
+    perm = torch.randperm(D, generator=g)
+    return [perm[(torch.arange(k) + j * k) % D].sort().values.to(torch.int32) for j in range(-(-D // k))]
+
+
+class _Cycle:
+    """The (layer, index set) of each call: all layers with one set, then all layers with the next."""
+
+    def __init__(self, layers: int, sets: int):
+        self.layers, self.sets, self.i = layers, sets, 0
+
+    def next(self) -> tuple[int, int]:
+        self.i = (self.i + 1) % (self.layers * self.sets)
+        return self.i % self.layers, self.i // self.layers
 
 
 def _rounds(seconds_per_call: float) -> int:
@@ -193,7 +213,8 @@ def test_decode_ffn(benchmark, results, case):
     set_threads(nt)
     lay = _get_layers(d, D, dtype)
     x = lay.x
-    idx = _selection(D, keep)
+    sets = _selections(D, keep)
+    idx = sets[0]
     k = idx.numel()
     nbytes = lay.layer_bytes * (1.0 if impl == "dense" else k / D)
 
@@ -203,15 +224,14 @@ def test_decode_ffn(benchmark, results, case):
         def step():
             wg, wu, wd, _ = lay.next()
             return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-    elif impl == "compact":
-        il = idx.long()
-        copies = [(wg[il].contiguous(), wu[il].contiguous(), wd[:, il].contiguous())
-                  for wg, wu, wd, _ in lay.layers]
-        state = {"i": 0}
+    elif impl == "compact":  # one copy per (layer, set): about the layers' bytes again
+        copies = [[(wg[il].contiguous(), wu[il].contiguous(), wd[:, il].contiguous())
+                   for il in (ix.long() for ix in sets)] for wg, wu, wd, _ in lay.layers]
+        cycle = _Cycle(len(copies), len(sets))
 
         def step():
-            state["i"] = (state["i"] + 1) % len(copies)
-            cg, cu, cd = copies[state["i"]]
+            li, si = cycle.next()
+            cg, cu, cd = copies[li][si]
             return F.linear(F.silu(F.linear(x, cg)) * F.linear(x, cu), cd)
     elif impl in quant.QTYPES:
         operands = lay.quantized(impl)
@@ -220,11 +240,11 @@ def test_decode_ffn(benchmark, results, case):
         if qkey not in results:
             results[qkey] = _choose_group(operands, impl, x, idx, y)
         _C.set_decode_tuning(results[qkey], 0)
-        state = {"i": 0}
+        cycle = _Cycle(len(operands), len(sets))
 
         def step():
-            state["i"] = (state["i"] + 1) % len(operands)
-            return sparse_ffn_q_c(x, *operands[state["i"]], idx, y, impl)
+            li, si = cycle.next()
+            return sparse_ffn_q_c(x, *operands[li], sets[si], y, impl)
     else:
         y = torch.empty_like(x)
         operands = lay.bundled() if impl == "bundled" else [(wg, wu, wdt) for wg, wu, _, wdt in lay.layers]
@@ -237,13 +257,14 @@ def test_decode_ffn(benchmark, results, case):
             setting = results[tkey]
         _C.set_isa(setting[0])
         _C.set_decode_tuning(setting[1], setting[2])
-        state = {"i": 0}
+        cycle = _Cycle(len(operands), len(sets))
 
         def step():
-            state["i"] = (state["i"] + 1) % len(operands)
-            return sparse_ffn_c(x, *operands[state["i"]], idx, y)
+            li, si = cycle.next()
+            return sparse_ffn_c(x, *operands[li], sets[si], y)
 
-    for _ in range(len(operands) if impl in quant.QTYPES else lay.L):  # warm-up: every layer once
+    n_warm = lay.L if impl == "dense" else len(copies) if impl == "compact" else len(operands)
+    for _ in range(n_warm):  # warm-up: every layer once (page faults, thread pools)
         step()
     est = nbytes / 10e9
     benchmark.pedantic(step, rounds=_rounds(est), iterations=1, warmup_rounds=0)
