@@ -345,6 +345,80 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     return DecodeTuning(isa, nf, pf, "measured", table, faster_copy, lay)
 
 
+# -- quantized rows --------------------------------------------------------------------------------
+
+def measure_quantized(layers: Sequence[tuple], wtype: str, d: int, keep: float = 0.5, rounds: int = 5,
+                      seed: int = 0) -> dict[tuple, float]:
+    """GB/s of quantized bytes per (isa, neurons in flight, prefetch) for sparse_ffn_q over ``layers``
+    ((w_gate, w_up, w_down_t) uint8 rows one common stride apart), fp32 activations, as ``measure``."""
+    from . import quant
+
+    C = _ext().require()
+    _ext().sync_threads(C)
+    g = torch.Generator().manual_seed(seed)
+    D = int(layers[0][0].shape[0])
+    k = max(1, int(keep * D))
+    idx = [torch.randperm(D, generator=g)[:k].sort().values.to(torch.int32) for _ in layers]
+    x = torch.randn(1, 1, d, generator=g)
+    y = torch.empty_like(x)
+    ldw = layers[0][0].stride(0) // quant.block_bytes(wtype) * quant.BLOCK
+    nbytes = 3 * k * quant.row_bytes(wtype, d)
+    saved_isa, saved = C.get_isa(), C.get_decode_tuning()
+    cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
+    times: dict = {c: [] for c in cands}
+    try:
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            for c in cands:
+                C.set_isa(c[0])
+                C.set_decode_tuning(c[1], c[2])
+                t0 = time.perf_counter()
+                for (w1, w2, w3), i in zip(layers, idx):
+                    C.sparse_ffn_q(wtype, "float32", "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(),
+                                   w3.data_ptr(), ldw, D, i.data_ptr(), k, False, y.data_ptr())
+                times[c].append((time.perf_counter() - t0) / len(layers))
+    finally:
+        C.set_isa(saved_isa)
+        C.set_decode_tuning(*saved)
+    return {c: nbytes / statistics.median(ts[1:]) / 1e9 for c, ts in times.items()}
+
+
+def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: float = 0.5) -> DecodeTuning:
+    """The decode setting for quantized rows (patch(weights=...)): cached, measured on the model's own
+    rows, or the core's current one, as ``tuning_for_model`` does for float rows (same size floor,
+    on the rows' bytes; the same busy-machine rule)."""
+    ext = _ext()
+    if not ext.available() or not qffns or qffns[0].device.type != "cpu":
+        return DecodeTuning("none", 1, 0, "default", layout="bundled") if not ext.available() else current()
+    d = int(qffns[0].site.d)
+    key = f"{_key(torch.float32, d, torch.get_num_threads(), 'bundled')}/{wtype}"
+    path = cache_file()
+    doc = _load_cache(path)
+    entry = doc.get("entries", {}).get(key)
+    if entry and entry.get("isa") in set(ext.supported_isas()):
+        return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
+                            "cached", entry.get("gbps"), False, "bundled")
+    gated = all(len(q.rows) == 3 for q in qffns)
+    nbytes = sum(q.nbytes for q in qffns)
+    if tune is False or not gated or (tune == "auto" and nbytes < MIN_MEASURED_FFN_BYTES):
+        return dataclasses.replace(current(), layout="bundled")
+    before = cpu_sample()
+    gbps = measure_quantized([tuple(q.rows) for q in qffns], wtype, d, keep=keep)
+    busy = other_load(before, cpu_sample())
+    isa, nf, pf = _simplest_best(gbps, list(gbps))
+    table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
+    if busy is not None and busy > BUSY_CORES:
+        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, False, "bundled")
+    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
+    doc.setdefault("entries", {})[key] = {
+        "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": "bundled", "gbps": table,
+        "other_load_cores": None if busy is None else round(busy, 3), "ffn_bytes": nbytes, "keep": keep,
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": software_versions(),
+    }
+    _write_cache(path, doc)
+    return DecodeTuning(isa, nf, pf, "measured", table, False, "bundled")
+
+
 # -- the prompt's dense forward on relaid weights -------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

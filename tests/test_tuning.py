@@ -261,3 +261,25 @@ def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(cache, setting, 
         model(torch.tensor([[8]]), **glass_kernels.hf_compat.cache_kwargs(model, glass_kernels.hf_compat.output_cache(out)))
     assert setting.get_decode_tuning() == (t.neurons_in_flight, t.prefetch_neurons)
     unpatch(model)
+
+
+def test_quantized_rows_are_measured_on_their_own_rows_then_cached(cache, setting, monkeypatch):
+    model = tm.build("llama", **tm.width_overrides("llama", 64))
+    monkeypatch.setattr(tuning, "MIN_MEASURED_FFN_BYTES", 1)
+    calls = []
+    real = tuning.measure_quantized
+    monkeypatch.setattr(tuning, "measure_quantized",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **{**k, "rounds": 1}))
+    patch(model, method="griffin", keep=0.5, weights="int8")
+    t = session(model).decode_tuning
+    assert t.source == "measured" and calls == ["q8_0"] and t.layout == "bundled"
+    assert all(k.count("/") == 2 for k in t.gbps)  # isa / in flight / prefetch
+    unpatch(model)
+    doc = json.loads(tuning.cache_file().read_text())
+    assert any(k.endswith("/bundled/" + str(_ext.threading()) + "/q8_0") for k in doc["entries"])
+    model = tm.build("llama", **tm.width_overrides("llama", 64))
+    patch(model, method="griffin", keep=0.5, weights="int8")
+    assert session(model).decode_tuning.source == "cached" and calls == ["q8_0"]
+    y = model(torch.tensor([[3, 5, 7]])).logits  # the setting in force runs (prompt, then decode)
+    assert torch.isfinite(y).all()
+    unpatch(model)

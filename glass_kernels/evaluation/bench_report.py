@@ -194,7 +194,7 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
             quantized = [(k, r) for k, r in sorted(m["decode"].items(), reverse=True) if r.get("amdahl_ceiling_bytes")]
             if quantized:
                 L += ["", f"[{quantized[0][1].get('weights')}] = FFN weights as quantized rows (the dense rounds run the "
-                      "float model; quantized rows use the C core's default neurons in flight, not tuned). Ceiling if the "
+                      "float model; the decode kernel line above is the setting measured on the quantized rows). Ceiling if the "
                       "FFN time shrank with its bytes (keep x quantized / fp32 bytes): "
                       + ", ".join(f"keep {k:g} {r['amdahl_ceiling_bytes']:.2f}x" for k, r in quantized) + "."]
             if m["ttft"]:

@@ -171,7 +171,9 @@ def _quantize(sites, state: GlassState, config: GlassConfig) -> None:
     from .quantized import quantize_sites, wtype_of
 
     state.quantized = quantize_sites(sites, wtype_of(config.weights))
-    state.decode_tuning = tuning.current()  # the float kernels' measurement does not apply to these rows
+    # measured on these rows (the float kernels' setting does not apply to them)
+    state.decode_tuning = tuning.tuning_for_quantized(state.quantized, wtype_of(config.weights), config.tune,
+                                                      config.keep)
     logger.info("glass_kernels: FFN weights quantized to %s (%.1f MiB of rows)", config.weights,
                 sum(q.nbytes for q in state.quantized) / 2**20)
 

@@ -53,7 +53,7 @@ class GlassConfig:
              blocks (glass_kernels.quant) and the float parameters released; decode reads the
              quantized rows, a prompt forward dequantizes one layer at a time; ``unpatch`` restores
              the parameters holding the dequantized values (the quantization error stays). Needs
-             d % 32 == 0. The decode setting is the C core's default for these rows (not tuned yet).
+             d % 32 == 0. The decode setting is measured on the quantized rows themselves (``tune``).
     tune:    the decode kernel's per-machine setting (ISA path, neurons in flight, prefetch; see
              glass_kernels.tuning): "auto" uses the setting cached for this CPU, and measures it
              (~0.5-3 s, once) when the model's FFN is large enough to time from DRAM; True measures
