@@ -5,7 +5,9 @@ For (d, D) in {(2048, 8192), (4096, 14336)}, dtype in {bf16, fp16}, keep in {1.0
 - dense:   HF LlamaMLP with F.linear (cuBLAS) on the full weights (W_down [d, D]);
 - compact: the same on a compacted copy of the k selected rows / columns (GRIFFIN-style; the copy
            is made once, outside the timing, and costs a second copy of the weights);
-- glass:   glass_kernels.triton.sparse_ffn on the neuron-major weights in place (no copy).
+- glass:   glass_kernels.triton.sparse_ffn on the neuron-major weights in place (no copy);
+- glass q8_0 / q4_0 (--wtypes): the same kernel on the weights quantized to ggml Q8_0 / Q4_0 rows,
+           neuron-bundled, dequantized as they load (GB/s of the quantized bytes).
 Each is timed with the L2 flushed before every repetition (triton.testing.do_bench), both as
 launched from Python ("eager") and replayed from a CUDA graph ("graph", no launch overhead).
 Reported: median time (20/80% quantiles in the JSON), achieved GB/s of the weight + x + y bytes,
@@ -41,9 +43,41 @@ def _parse(argv):
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
     ap.add_argument("--programs-per-sm", default=None,
                     help="comma list to sweep glass_kernels.triton._utils.PROGRAMS_PER_SM (grid size)")
+    ap.add_argument("--wtypes", default="q8_0,q4_0", help="quantized row formats to time too ('' for none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     return ap.parse_args(argv)
+
+
+def _quantized_row(quant, sparse_ffn_q, time_ms, x, weights, idx, torch_err, wtype, dense,
+                   graph_modes, args, copy_gbs, case):
+    """Rows for one quantized format: the kernel on bundled Q8_0 / Q4_0 rows, checked against the fp64
+    result of the dequantized weights (the tolerance: torch's own error on the float weights + the
+    format's rounding is not an error here: the reference uses the same dequantized values)."""
+    import torch
+
+    block = torch.stack([quant.quantize(w, wtype) for w in weights], dim=1)  # [D, 3, row_bytes]
+    qg, qu, qd = (block[:, j] for j in range(3))
+    deq = [quant.dequantize(q, wtype).to(x.device) for q in (qg, qu, qd)]
+    r = idx.long()
+    ref = torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(x.double(), deq[0][r].double()))
+        * torch.nn.functional.linear(x.double(), deq[1][r].double()), deq[2][r].double().t())
+    fn = lambda: sparse_ffn_q(x, qg, qu, qd, idx, "silu", wtype)  # noqa: E731
+    y = fn()
+    err = (y.double() - ref).abs().max().item()
+    ok = err <= 2 * torch_err + 1e-6 * ref.abs().max().item()
+    q_bytes = 3 * case["k"] * quant.row_bytes(wtype, case["d"])
+    out = []
+    for g in graph_modes:
+        t = time_ms(fn, device=x.device, reps=args.reps, graph=g)
+        row = dict(case, wtype=wtype, timing="graph" if g else "eager", glass_ms=t,
+                   glass_gbs=q_bytes / (t["median"] * 1e-3) / 1e9, speedup_vs_dense=dense[g]["median"] / t["median"],
+                   max_err=err, correct=ok)
+        if copy_gbs:
+            row["glass_frac_copy_bw"] = row["glass_gbs"] / copy_gbs
+        out.append(row)
+    return out
 
 
 def main(argv=None) -> int:
@@ -57,7 +91,8 @@ def main(argv=None) -> int:
         return 0
     from gpu_common import copy_bandwidth_gbs, device_facts, llama_mlp, time_ms, write_json
 
-    from glass_kernels.triton import _utils, sparse_ffn
+    from glass_kernels import quant
+    from glass_kernels.triton import _utils, sparse_ffn, sparse_ffn_q
     try:  # the public op (validation once, then torch.ops.glass dispatch), as the patch layer calls it
         from glass_kernels import ops as glass_ops
     except ImportError:
@@ -75,7 +110,7 @@ def main(argv=None) -> int:
         print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write of a 1 GiB copy)")
     graph_modes = [False] if args.smoke or args.no_graph else [False, True]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    rows = []
+    rows, rows_q = [], []
     for d, D in shapes:
         for dname in args.dtypes.split(","):
             dtype = dtypes[dname]
@@ -111,7 +146,8 @@ def main(argv=None) -> int:
                     torch_err = (compact_fn().double() - ref).abs().max().item()
                     ok = err <= 2 * torch_err + 1e-6 * ref.abs().max().item()
                     plan = _plan(1, args.tokens, d, k, device)
-                    best = getattr(_TUNED.get(plan["BLOCK_T"]), "best_config", None) if not args.smoke else None
+                    best = (getattr(_TUNED.get((plan["BLOCK_T"], False)), "best_config", None)
+                            if not args.smoke else None)
                     w_bytes = 3 * k * d * es
                     for g in graph_modes:
                         t_c = time_ms(compact_fn, device, args.reps, graph=g)
@@ -134,6 +170,10 @@ def main(argv=None) -> int:
                             row["glass_frac_copy_bw"] = row["glass_gbs"] / copy_gbs
                             row["dense_frac_copy_bw"] = row["dense_gbs"] / copy_gbs
                         rows.append(row)
+                for wtype in [w for w in args.wtypes.split(",") if w]:
+                    rows_q.append(_quantized_row(quant, sparse_ffn_q, time_ms, x, (w_gate, w_up, w_down_t), idx,
+                                                 torch_err, wtype, dense, graph_modes, args, copy_gbs,
+                                                 dict(d=d, D=D, dtype=dname, keep=keep, k=k)))
                 del wg_c, wu_c, wd_c
 
     hdr = (f"| d | D | dtype | keep | timing | prog/SM | dense us | compact us | glass us | via ops us | glass GB/s | "
@@ -148,10 +188,20 @@ def main(argv=None) -> int:
               f"{1e3 * r['glass_ms']['median']:.1f} | {via} | {r['glass_gbs']:.0f} | {frac} | "
               f"{r['speedup_vs_dense']:.2f} | {r['compact_speedup_vs_dense']:.2f} | {r['correct']} |")
 
+    if rows_q:
+        print("\nquantized rows (GB/s of the quantized bytes; x dense = against the same dtype's cuBLAS dense):")
+        print("| d | D | dtype | keep | format | timing | glass us | GB/s | % copy BW | x dense | correct |")
+        print("|" + "---|" * 11)
+        for rq in (r for group in rows_q for r in group):
+            frac = f"{100 * rq['glass_frac_copy_bw']:.0f}%" if "glass_frac_copy_bw" in rq else "-"
+            print(f"| {rq['d']} | {rq['D']} | {rq['dtype']} | {rq['keep']} | {rq['wtype']} | {rq['timing']} | "
+                  f"{1e3 * rq['glass_ms']['median']:.1f} | {rq['glass_gbs']:.0f} | {frac} | "
+                  f"{rq['speedup_vs_dense']:.2f} | {rq['correct']} |")
+        rows += [r for group in rows_q for r in group]
     verdicts = {}
     if not args.smoke:
         def pick(keep, timing):  # the fastest programs-per-SM setting when several were swept
-            cands = [r for r in rows if (r["d"], r["D"], r["dtype"], r["keep"], r["timing"])
+            cands = [r for r in rows if "wtype" not in r and (r["d"], r["D"], r["dtype"], r["keep"], r["timing"])
                      == (4096, 14336, "bf16", keep, timing)]
             return min(cands, key=lambda r: r["glass_ms"]["median"]) if cands else None
         for timing in sorted({r["timing"] for r in rows}):

@@ -36,7 +36,10 @@ def test_bench_sparse_ffn_smoke(scripts, tmp_path):
                                            "--reps", "1", "--out", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 and all(row["correct"] for row in rows)
+    assert all(row["correct"] for row in rows)
+    # keeps 1.0 and 0.3: one float row each, and one per quantized format (Q8_0, Q4_0)
+    assert len([r for r in rows if "wtype" not in r]) == 2
+    assert sorted(r["wtype"] for r in rows if "wtype" in r) == ["q4_0", "q4_0", "q8_0", "q8_0"]
 
 
 def test_bench_e2e_llama_smoke(scripts, tmp_path, capsys):
