@@ -197,3 +197,22 @@ def test_a_failure_after_the_relayout_restores_everything(monkeypatch):
     assert _same_storage_as(model, snap)
     assert [type(m).__name__ for m in model.modules()] == modules
     assert not is_patched(model)
+
+
+def test_relaid_weights_are_advised_huge_pages(monkeypatch):
+    """Large CPU blocks are advised MADV_HUGEPAGE on whole 2 MiB pages inside them, before they are
+    filled; small ones are not (and the values are what torch.empty + copy would give)."""
+    from glass_kernels.ffn import layout
+
+    calls = []
+    monkeypatch.setattr(layout, "_libc_madvise", lambda: (lambda a, n, adv: calls.append((a, n, adv)) or 0))
+    t = layout.empty_huge_pages((1024, 3, 2048), torch.float32, "cpu")  # 24 MiB
+    assert t.shape == (1024, 3, 2048) and t.dtype == torch.float32
+    (a, n, adv), = calls
+    assert adv == 14 and a % (2 << 20) == 0 and n % (2 << 20) == 0
+    assert t.data_ptr() <= a and a + n <= t.data_ptr() + t.numel() * 4 and n >= 20 << 20
+    layout.empty_huge_pages((64, 64), torch.float32, "cpu")  # 16 KiB: not advised
+    assert len(calls) == 1
+    rows = [torch.randn(300, 40) for _ in range(3)]
+    views = layout.bundled_views(rows)
+    assert all(torch.equal(v, r) for v, r in zip(views, rows))

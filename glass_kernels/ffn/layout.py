@@ -31,6 +31,55 @@ __all__ = ["bundle", "bundled_views", "contiguous_params", "is_bundled", "make_n
            "separate"]
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` whose pages are asked to be transparent huge pages (Linux, CPU, >= 4 MiB),
+    before anything touches them.
+
+    Why: a sparse decode step reads a few KiB per selected neuron at scattered addresses; with 4 KiB
+    pages each such read starts a new page for the hardware prefetcher (and the TLB). On the Xeon VM
+    (THP in "madvise" mode, so only advised memory gets huge pages) cold sparse reads of bundled
+    2048x8192 rows at keep 0.5 went from 28.3 to 29.2 GB/s (fp32) and 23.5 to 24.7 GB/s (bf16), A/B
+    in alternation, 8 runs each; end to end on SmolLM2 the change was within noise. Elsewhere (no THP,
+    another OS, a GPU) this is a plain ``torch.empty``; a refused advice changes nothing."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    n = t.numel() * t.element_size()
+    if t.device.type != "cpu" or n < 2 * _HUGE_PAGE or not _libc_madvise():
+        return t
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the whole huge pages inside the tensor
+    end = (t.data_ptr() + n) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _libc_madvise()(start, end - start, _MADV_HUGEPAGE)
+    return t
+
+
+_madvise = None
+
+
+def _libc_madvise():
+    """libc's madvise (Linux only), or False."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        import sys
+
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                fn.restype = ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                _madvise = False
+    return _madvise
+
+
 def make_neuron_major(param: nn.Parameter) -> bool:
     """Store a [d, D] parameter as a contiguous [D, d] tensor; the parameter becomes its .t() view.
 
@@ -40,7 +89,9 @@ def make_neuron_major(param: nn.Parameter) -> bool:
     if param.dim() != 2 or param.t().is_contiguous():
         return False
     with torch.no_grad():
-        param.data = param.data.t().contiguous().t()
+        rows = empty_huge_pages(tuple(reversed(param.shape)), param.dtype, param.device)
+        rows.copy_(param.data.t())
+        param.data = rows.t()
     return True
 
 
@@ -55,7 +106,7 @@ def bundled_views(rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for r in rows[1:]:
         if r.shape != rows[0].shape or r.dtype != rows[0].dtype or r.device != rows[0].device:
             raise ValueError("bundled_views: every tensor must have the same shape, dtype and device")
-    block = torch.empty((D, len(rows), d), dtype=rows[0].dtype, device=rows[0].device)
+    block = empty_huge_pages((D, len(rows), d), rows[0].dtype, rows[0].device)
     for j, r in enumerate(rows):
         block[:, j].copy_(r)
     return [block[:, j] for j in range(len(rows))]

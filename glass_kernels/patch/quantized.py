@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import quant
 from ..ffn import FFNSite
+from ..ffn.layout import empty_huge_pages
 
 WEIGHTS = {"int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0", "q4_0": "q4_0"}
 
@@ -56,7 +57,12 @@ class QuantizedFFN:
         self.device = rows[0].device
         self.dtype = rows[0].dtype
         with torch.no_grad():
-            block = torch.stack([quant.quantize(r, wtype) for r in rows], dim=1)  # [D, n, row_bytes]
+            qrows = [quant.quantize(r, wtype) for r in rows]
+            block = empty_huge_pages((qrows[0].shape[0], len(qrows), qrows[0].shape[1]), torch.uint8,
+                                     qrows[0].device)  # [D, n, row_bytes]
+            for j, q in enumerate(qrows):
+                block[:, j].copy_(q)
+            del qrows
         self.rows = [block[:, j] for j in range(block.shape[1])]
         self.biases = None if h.kind == "gated" else (operands[1], operands[3])
         self.shapes = [(p.shape, p.dtype) for p in self.params]
