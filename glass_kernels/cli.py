@@ -328,21 +328,26 @@ def run_demo(args, loader: Loader, out=sys.stdout) -> int:
                     steps[c][1] += n["sparse"] + n["dense"]
     set_state(None)
     dense_tps = statistics.median(tps[None])
-    print(f"\ndecode speed: greedy, {N} new tokens per run, prefill excluded, median of {len(tps[None])} runs "
-          f"per row ({args.repeats} rounds x {len(prompts)} prompts, alternating, after a warm-up)", file=out)
+    print(f"\ndecode speed: greedy, {N} new tokens per run, prefill excluded, median (and min-max) of "
+          f"{len(tps[None])} runs per row ({args.repeats} rounds x {len(prompts)} prompts, alternating, after a "
+          f"warm-up)", file=out)
     print(f"agreement: teacher-forced top-1 agreement with the dense greedy tokens "
           f"({agree[keeps[0]][1]} positions); greedy prefix: identical leading tokens of free-running "
           f"greedy generation (mean over prompts)", file=out)
-    hdr = (f"{'config':<22}{'decode tok/s':>14}{'speed-up':>10}{'top-1 agree':>13}{'greedy prefix':>15}"
-           f"{'sparse steps':>16}")
+    hdr = (f"{'config':<22}{'decode tok/s':>14}{'min-max':>14}{'speed-up':>10}{'top-1 agree':>13}"
+           f"{'greedy prefix':>15}{'sparse steps':>16}")
+
+    def spread(v):  # every run's tok/s, not only the median's: min-max
+        return f"{min(v):.1f}-{max(v):.1f}"
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     mean_len = statistics.mean(int(d.shape[1]) for d in dense_conts)
-    print(f"{'dense':<22}{dense_tps:>14.1f}{1.0:>9.2f}x{'100.0%':>13}{mean_len:>15.1f}{'-':>16}", file=out)
+    print(f"{'dense':<22}{dense_tps:>14.1f}{spread(tps[None]):>14}{1.0:>9.2f}x{'100.0%':>13}{mean_len:>15.1f}"
+          f"{'-':>16}", file=out)
     for k in keeps:
         t = statistics.median(tps[k])
         a = agree[k][0] / max(agree[k][1], 1)
-        print(f"{f'{method} keep={k:g}':<22}{t:>14.1f}{t / dense_tps:>9.2f}x{100 * a:>12.1f}%"
+        print(f"{f'{method} keep={k:g}':<22}{t:>14.1f}{spread(tps[k]):>14}{t / dense_tps:>9.2f}x{100 * a:>12.1f}%"
               f"{statistics.mean(prefix[k]):>15.1f}{f'{steps[k][0]}/{steps[k][1]}':>16}", file=out)
     print("sparse steps: decode steps (forwards after the prompt) of the timed runs that ran the sparse kernel",
           file=out)

@@ -110,10 +110,12 @@ DEMO = ["demo", "--model", "tiny", "--max-new-tokens", "6", "--repeats", "1", "-
 def _table(out):
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"^(dense|\S+ keep=[\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)%\s+([\d.]+)\s+(-|\d+/\d+)$",
-                     line)
+        m = re.match(r"^(dense|\S+ keep=[\d.]+)\s+([\d.]+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)x\s+([\d.]+)%\s+"
+                     r"([\d.]+)\s+(-|\d+/\d+)$", line)
         if m:
-            rows[m.group(1)] = tuple(float(x) for x in m.groups()[1:5]) + (m.group(6),)
+            tps, lo, hi = (float(m.group(i)) for i in (2, 3, 4))
+            assert lo <= tps <= hi, line  # the median lies within the spread of the runs
+            rows[m.group(1)] = (tps,) + tuple(float(x) for x in m.groups()[4:7]) + (m.group(8),)
     return rows
 
 
