@@ -109,10 +109,9 @@ class _Patched:
             self.stats, self._stats_loaded = _stats(self.model, self.name), True
             self.method = "a-glass" if self.stats is not None else "griffin"
         if WEIGHTS and self._float_weights is None:
-            from glass_kernels.ffn import find_ffn_sites
+            from glass_kernels.patch.quantized import FloatWeights
 
-            self._float_weights = [(p, p.detach().clone()) for site in find_ffn_sites(self.model)
-                                   for p in site.handler.weight_params(site.module)]
+            self._float_weights = FloatWeights(self.model)
         gk.patch(self.model, gk.GlassConfig(method=self.method, keep=self.keep, weights=WEIGHTS), stats=self.stats)
         self.tuning = gk.session(self.model).decode_tuning.describe()
 
@@ -122,9 +121,7 @@ class _Patched:
         if is_patched(self.model):
             unpatch(self.model)
         if self._float_weights is not None:
-            with torch.no_grad():
-                for p, w in self._float_weights:
-                    p.copy_(w)
+            self._float_weights.put_back()
 
     def __enter__(self):
         self.patch()

@@ -171,17 +171,34 @@ def _triton_ok(x: Tensor) -> bool:
     return _backend.resolve_for(x) == "triton"
 
 
+def _cpp_sparse_ffn_q(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor, activation: str,
+                      wtype: str) -> Tensor:
+    """The C++ core's sparse_ffn_q on checked CPU operands (x contiguous)."""
+    C, y, B, T, d = _ops._cpp_out(x)
+    if B * T:
+        C.sparse_ffn_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
+                       w_up.data_ptr(), w_down_t.data_ptr(), _ldw(w_gate, wtype), w_gate.shape[0],
+                       idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
+    return y
+
+
+def _cpp_sparse_mlp_q(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: Tensor, b_out: Optional[Tensor],
+                      idx: Tensor, activation: str, wtype: str) -> Tensor:
+    """The C++ core's sparse_mlp_q on checked CPU operands (x contiguous)."""
+    C, y, B, T, d = _ops._cpp_out(x)
+    if B * T:
+        C.sparse_mlp_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(),
+                       _ops._ptr(b_in), w_out_t.data_ptr(), _ops._ptr(b_out), _ldw(w_in, wtype),
+                       w_in.shape[0], idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
+    return y
+
+
 @_ops._register("sparse_ffn_q")
 def _sparse_ffn_q_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, idx: Tensor, activation: str,
                      wtype: str) -> Tensor:
     _ops._idx_values(idx, w_gate.shape[0])
     if _cpp_ok(x):
-        C, y, B, T, d = _ops._cpp_out(x)
-        if B * T:
-            C.sparse_ffn_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
-                           w_up.data_ptr(), w_down_t.data_ptr(), _ldw(w_gate, wtype), w_gate.shape[0],
-                           idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
-        return y
+        return _cpp_sparse_ffn_q(x, w_gate, w_up, w_down_t, idx, activation, wtype)
     if _triton_ok(x):
         return _backend.triton_module().sparse_ffn_q(x, w_gate, w_up, w_down_t, idx, activation, wtype)
     return reference.sparse_ffn_q(x, w_gate, w_up, w_down_t, idx, activation, wtype)
@@ -197,12 +214,7 @@ def _sparse_mlp_q_op(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out_t: T
                      idx: Tensor, activation: str, wtype: str) -> Tensor:
     _ops._idx_values(idx, w_in.shape[0])
     if _cpp_ok(x):
-        C, y, B, T, d = _ops._cpp_out(x)
-        if B * T:
-            C.sparse_mlp_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(),
-                           _ops._ptr(b_in), w_out_t.data_ptr(), _ops._ptr(b_out), _ldw(w_in, wtype),
-                           w_in.shape[0], idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
-        return y
+        return _cpp_sparse_mlp_q(x, w_in, b_in, w_out_t, b_out, idx, activation, wtype)
     if _triton_ok(x):
         return _backend.triton_module().sparse_mlp_q(x, w_in, b_in, w_out_t, b_out, idx, activation, wtype)
     return reference.sparse_mlp_q(x, w_in, b_in, w_out_t, b_out, idx, activation, wtype)
@@ -267,12 +279,7 @@ def sparse_ffn_q_prevalidated(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t:
     """``sparse_ffn_q`` for operands checked by ``validate_operands``; only x is checked here."""
     if _ops._fast_cpp_ok(x):
         _x_fast(x, w_gate, idx, wtype)
-        C, y, B, T, d = _ops._cpp_out(x)
-        if B * T:
-            C.sparse_ffn_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_gate.data_ptr(),
-                           w_up.data_ptr(), w_down_t.data_ptr(), _ldw(w_gate, wtype), w_gate.shape[0],
-                           idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
-        return y
+        return _cpp_sparse_ffn_q(x, w_gate, w_up, w_down_t, idx, activation, wtype)
     return torch.ops.glass.sparse_ffn_q(x.contiguous(), w_gate, w_up, w_down_t, idx, activation, wtype)
 
 
@@ -281,10 +288,5 @@ def sparse_mlp_q_prevalidated(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_ou
     """``sparse_mlp_q`` for operands checked by ``validate_operands``; only x is checked here."""
     if _ops._fast_cpp_ok(x):
         _x_fast(x, w_in, idx, wtype)
-        C, y, B, T, d = _ops._cpp_out(x)
-        if B * T:
-            C.sparse_mlp_q(wtype, _ops._DTYPE_NAME[x.dtype], activation, x.data_ptr(), B, T, d, w_in.data_ptr(),
-                           _ops._ptr(b_in), w_out_t.data_ptr(), _ops._ptr(b_out), _ldw(w_in, wtype),
-                           w_in.shape[0], idx.data_ptr(), idx.shape[-1], idx.dim() == 2, y.data_ptr())
-        return y
+        return _cpp_sparse_mlp_q(x, w_in, b_in, w_out_t, b_out, idx, activation, wtype)
     return torch.ops.glass.sparse_mlp_q(x.contiguous(), w_in, b_in, w_out_t, b_out, idx, activation, wtype)

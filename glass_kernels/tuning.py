@@ -137,14 +137,37 @@ def _isa_candidates() -> list[str]:
     return isas or ["scalar"]
 
 
+def _time_candidates(cands: list[tuple], walk, rounds: int) -> dict[tuple, float]:
+    """Median seconds of ``walk(c)`` (one pass over every layer) per candidate (isa, in flight,
+    prefetch, ...), each timed with its setting in force in the core; candidates interleaved round by
+    round so that drift hits all alike, the first round (page faults, code) dropped. The core's ISA
+    and setting are restored afterwards."""
+    C = _ext().require()
+    saved_isa, saved = C.get_isa(), C.get_decode_tuning()
+    times: dict = {c: [] for c in cands}
+    try:
+        for _ in range(rounds + 1):
+            for c in cands:
+                C.set_isa(c[0])
+                C.set_decode_tuning(c[1], c[2])
+                t0 = time.perf_counter()
+                walk(c)
+                times[c].append(time.perf_counter() - t0)
+    finally:
+        C.set_isa(saved_isa)
+        C.set_decode_tuning(*saved)
+    return {c: statistics.median(ts[1:]) for c, ts in times.items()}
+
+
 def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0.5, rounds: int = 5,
             seed: int = 0, compact: bool = False) -> dict[tuple, float]:
     """GB/s of selected weight bytes for every (isa, neurons in flight, prefetch) candidate.
 
     ``layers``: per FFN layer the gated operands (w_gate, w_up, w_down_t), each [D, d] in ``dtype``
-    with contiguous rows one common stride apart (separate or bundled, see glass_kernels.ffn.layout). One token, a sorted random set of keep * D neurons per layer; every timing walks all
-    layers once (cold caches where they exceed the last-level cache, as in decoding), candidates interleaved round by
-    round so that drift hits all alike; the median of ``rounds``. ``compact``: also time, per ISA,
+    with contiguous rows one common stride apart (separate or bundled, see glass_kernels.ffn.layout).
+    One token, a sorted random set of keep * D neurons per layer; every timing walks all layers once
+    (cold caches where they exceed the last-level cache, as in decoding), timed by
+    ``_time_candidates`` (median of ``rounds``). ``compact``: also time, per ISA,
     the same kernel reading k contiguous rows (what a compacted copy of the selection costs to read),
     keyed (isa, n, p, "compact").
     """
@@ -158,27 +181,18 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
     x = torch.randn(1, 1, d, generator=g).to(dtype)
     y = torch.empty_like(x)
     nbytes = 3 * k * d * x.element_size()
-    saved_isa, saved = C.get_isa(), C.get_decode_tuning()
     cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
     if compact:
         cands += [(isa, nf, pf, "compact") for isa in _isa_candidates() for nf, pf in ((1, 0), (4, 0))]
     contiguous = torch.arange(k, dtype=torch.int32)
-    times: dict = {c: [] for c in cands}
-    try:
-        for _ in range(rounds + 1):  # the first round warms up (page faults, code) and is dropped
-            for c in cands:
-                C.set_isa(c[0])
-                C.set_decode_tuning(c[1], c[2])
-                sets = [contiguous] * len(idx) if len(c) == 4 else idx
-                t0 = time.perf_counter()
-                for (w1, w2, w3), i in zip(layers, sets):
-                    C.sparse_ffn(dn, "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
-                                 D, i.data_ptr(), k, False, y.data_ptr(), w1.stride(0))
-                times[c].append((time.perf_counter() - t0) / len(layers))
-    finally:
-        C.set_isa(saved_isa)
-        C.set_decode_tuning(*saved)
-    return {c: nbytes / statistics.median(ts[1:]) / 1e9 for c, ts in times.items()}
+
+    def walk(c) -> None:
+        sets = [contiguous] * len(idx) if len(c) == 4 else idx
+        for (w1, w2, w3), i in zip(layers, sets):
+            C.sparse_ffn(dn, "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
+                         D, i.data_ptr(), k, False, y.data_ptr(), w1.stride(0))
+
+    return {c: nbytes * len(layers) / s / 1e9 for c, s in _time_candidates(cands, walk, rounds).items()}
 
 
 def _simplest_best(gbps: dict[tuple, float], keys: list[tuple]) -> tuple | None:
@@ -258,6 +272,16 @@ def _gated_layers(sites) -> list[tuple]:
     return out
 
 
+def _remember(path: Path, doc: dict | None, key: str, entry: dict) -> None:
+    """Store one measurement under ``key`` in the cache file (``doc``: its current contents), with
+    when it was measured and the software versions."""
+    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
+    doc.setdefault("entries", {})[key] = dict(
+        entry, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=software_versions())
+    _write_cache(path, doc)
+
+
 def _write_cache(path: Path, doc: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,15 +357,11 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
                        "using it now but not caching it (`python -m glass_kernels tune` on a quiet machine)", busy)
         return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy, lay)
-    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
-    doc.setdefault("entries", {})[key] = {
+    _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": lay, "gbps": table,
         "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
         "ffn_bytes": _ffn_bytes(sites), "keep": keep,
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": software_versions(),
-    }
-    _write_cache(path, doc)
+    })
     return DecodeTuning(isa, nf, pf, "measured", table, faster_copy, lay)
 
 
@@ -363,23 +383,14 @@ def measure_quantized(layers: Sequence[tuple], wtype: str, d: int, keep: float =
     y = torch.empty_like(x)
     ldw = layers[0][0].stride(0) // quant.block_bytes(wtype) * quant.BLOCK
     nbytes = 3 * k * quant.row_bytes(wtype, d)
-    saved_isa, saved = C.get_isa(), C.get_decode_tuning()
     cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
-    times: dict = {c: [] for c in cands}
-    try:
-        for _ in range(rounds + 1):  # the first round warms up and is dropped
-            for c in cands:
-                C.set_isa(c[0])
-                C.set_decode_tuning(c[1], c[2])
-                t0 = time.perf_counter()
-                for (w1, w2, w3), i in zip(layers, idx):
-                    C.sparse_ffn_q(wtype, "float32", "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(),
-                                   w3.data_ptr(), ldw, D, i.data_ptr(), k, False, y.data_ptr())
-                times[c].append((time.perf_counter() - t0) / len(layers))
-    finally:
-        C.set_isa(saved_isa)
-        C.set_decode_tuning(*saved)
-    return {c: nbytes / statistics.median(ts[1:]) / 1e9 for c, ts in times.items()}
+
+    def walk(c) -> None:
+        for (w1, w2, w3), i in zip(layers, idx):
+            C.sparse_ffn_q(wtype, "float32", "silu", x.data_ptr(), 1, 1, d, w1.data_ptr(), w2.data_ptr(),
+                           w3.data_ptr(), ldw, D, i.data_ptr(), k, False, y.data_ptr())
+
+    return {c: nbytes * len(layers) / s / 1e9 for c, s in _time_candidates(cands, walk, rounds).items()}
 
 
 def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: float = 0.5) -> DecodeTuning:
@@ -408,14 +419,10 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     if busy is not None and busy > BUSY_CORES:
         return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, False, "bundled")
-    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
-    doc.setdefault("entries", {})[key] = {
+    _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": "bundled", "gbps": table,
         "other_load_cores": None if busy is None else round(busy, 3), "ffn_bytes": nbytes, "keep": keep,
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": software_versions(),
-    }
-    _write_cache(path, doc)
+    })
     return DecodeTuning(isa, nf, pf, "measured", table, False, "bundled")
 
 
@@ -542,12 +549,8 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     min_tokens = copy_threshold(ms)
     if busy is not None and busy > BUSY_CORES:  # used now, not kept (as the decode setting)
         return PromptCopy(min_tokens, "measured on a busy machine, not cached", ms)
-    doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
-    doc.setdefault("entries", {})[key] = {
+    _remember(path, doc, key, {
         "min_tokens": min_tokens, "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},
         "tokens": list(PROMPT_TOKENS),
-        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": software_versions(),
-    }
-    _write_cache(path, doc)
+    })
     return PromptCopy(min_tokens, "measured", ms)

@@ -55,14 +55,13 @@ def _quantized_row(quant, sparse_ffn_q, time_ms, x, weights, idx, torch_err, wty
     result of the dequantized weights (the tolerance: torch's own error on the float weights + the
     format's rounding is not an error here: the reference uses the same dequantized values)."""
     import torch
+    from gpu_common import llama_mlp
 
     block = torch.stack([quant.quantize(w, wtype) for w in weights], dim=1)  # [D, 3, row_bytes]
     qg, qu, qd = (block[:, j] for j in range(3))
     deq = [quant.dequantize(q, wtype).to(x.device) for q in (qg, qu, qd)]
     r = idx.long()
-    ref = torch.nn.functional.linear(
-        torch.nn.functional.silu(torch.nn.functional.linear(x.double(), deq[0][r].double()))
-        * torch.nn.functional.linear(x.double(), deq[1][r].double()), deq[2][r].double().t())
+    ref = llama_mlp(x.double(), deq[0][r].double(), deq[1][r].double(), deq[2][r].double().t())
     fn = lambda: sparse_ffn_q(x, qg, qu, qd, idx, "silu", wtype)  # noqa: E731
     y = fn()
     err = (y.double() - ref).abs().max().item()

@@ -361,6 +361,51 @@ using namespace glass;
     }                                                           \
   } while (0)
 
+// The gated / non-gated entry points, for float rows (qtype -1) and quantized rows alike: the
+// pointer checks (named as the caller's arguments) and the FfnArgs run_ffn dispatches on.
+static glass_status sparse_ffn_entry(const char* what, int qtype, glass_dtype dtype, glass_activation act,
+                                     const void* x, int64_t B, int64_t T, int64_t d, const void* w_gate,
+                                     const void* w_up, const void* w_down_t, int64_t ldw, int64_t D,
+                                     const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, what);
+  GLASS_REQUIRE_PTR(w_gate, what);
+  GLASS_REQUIRE_PTR(w_up, what);
+  GLASS_REQUIRE_PTR(w_down_t, what);
+  GLASS_REQUIRE_PTR(idx, what);
+  GLASS_REQUIRE_PTR(y, what);
+  FfnArgs a{};
+  a.gated = 1;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t; a.ldw = ldw;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, what, qtype);
+}
+
+static glass_status sparse_mlp_entry(const char* what, int qtype, glass_dtype dtype, glass_activation act,
+                                     const void* x, int64_t B, int64_t T, int64_t d, const void* w_in,
+                                     const void* b_in, const void* w_out_t, const void* b_out, int64_t ldw,
+                                     int64_t D, const int32_t* idx, int64_t k, int idx_batched, void* y) {
+  g_error[0] = '\0';
+  GLASS_REQUIRE_PTR(x, what);
+  GLASS_REQUIRE_PTR(w_in, what);
+  GLASS_REQUIRE_PTR(w_out_t, what);
+  GLASS_REQUIRE_PTR(idx, what);
+  GLASS_REQUIRE_PTR(y, what);
+  FfnArgs a{};
+  a.gated = 0;
+  a.act = act;
+  a.x = x;
+  a.B = B; a.T = T; a.d = d; a.D = D;
+  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out; a.ldw = ldw;
+  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
+  a.y = y;
+  return run_ffn(dtype, a, what, qtype);
+}
+
 extern "C" {
 
 const char* glass_last_error(void) { return g_error; }
@@ -378,22 +423,8 @@ glass_status glass_sparse_ffn_strided(glass_dtype dtype, glass_activation act, c
                                       const void* w_up, const void* w_down_t, int64_t ldw,
                                       int64_t D, const int32_t* idx, int64_t k, int idx_batched,
                                       void* y) {
-  g_error[0] = '\0';
-  GLASS_REQUIRE_PTR(x, "sparse_ffn");
-  GLASS_REQUIRE_PTR(w_gate, "sparse_ffn");
-  GLASS_REQUIRE_PTR(w_up, "sparse_ffn");
-  GLASS_REQUIRE_PTR(w_down_t, "sparse_ffn");
-  GLASS_REQUIRE_PTR(idx, "sparse_ffn");
-  GLASS_REQUIRE_PTR(y, "sparse_ffn");
-  FfnArgs a{};
-  a.gated = 1;
-  a.act = act;
-  a.x = x;
-  a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t; a.ldw = ldw;
-  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
-  a.y = y;
-  return run_ffn(dtype, a, "sparse_ffn");
+  return sparse_ffn_entry("sparse_ffn", -1, dtype, act, x, B, T, d, w_gate, w_up, w_down_t, ldw, D, idx, k,
+                          idx_batched, y);
 }
 
 glass_status glass_sparse_mlp(glass_dtype dtype, glass_activation act, const void* x, int64_t B,
@@ -409,64 +440,24 @@ glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activation act, c
                                       const void* b_in, const void* w_out_t, const void* b_out,
                                       int64_t ldw, int64_t D, const int32_t* idx, int64_t k,
                                       int idx_batched, void* y) {
-  g_error[0] = '\0';
-  GLASS_REQUIRE_PTR(x, "sparse_mlp");
-  GLASS_REQUIRE_PTR(w_in, "sparse_mlp");
-  GLASS_REQUIRE_PTR(w_out_t, "sparse_mlp");
-  GLASS_REQUIRE_PTR(idx, "sparse_mlp");
-  GLASS_REQUIRE_PTR(y, "sparse_mlp");
-  FfnArgs a{};
-  a.gated = 0;
-  a.act = act;
-  a.x = x;
-  a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out; a.ldw = ldw;
-  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
-  a.y = y;
-  return run_ffn(dtype, a, "sparse_mlp");
+  return sparse_mlp_entry("sparse_mlp", -1, dtype, act, x, B, T, d, w_in, b_in, w_out_t, b_out, ldw, D, idx, k,
+                          idx_batched, y);
 }
 
 glass_status glass_sparse_ffn_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
                                 const void* x, int64_t B, int64_t T, int64_t d, const void* w_gate,
                                 const void* w_up, const void* w_down_t, int64_t ldw, int64_t D,
                                 const int32_t* idx, int64_t k, int idx_batched, void* y) {
-  g_error[0] = '\0';
-  GLASS_REQUIRE_PTR(x, "sparse_ffn_q");
-  GLASS_REQUIRE_PTR(w_gate, "sparse_ffn_q");
-  GLASS_REQUIRE_PTR(w_up, "sparse_ffn_q");
-  GLASS_REQUIRE_PTR(w_down_t, "sparse_ffn_q");
-  GLASS_REQUIRE_PTR(idx, "sparse_ffn_q");
-  GLASS_REQUIRE_PTR(y, "sparse_ffn_q");
-  FfnArgs a{};
-  a.gated = 1;
-  a.act = act;
-  a.x = x;
-  a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_gate; a.w2 = w_up; a.w3 = w_down_t; a.ldw = ldw;
-  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
-  a.y = y;
-  return run_ffn(dtype, a, "sparse_ffn_q", static_cast<int>(wtype));
+  return sparse_ffn_entry("sparse_ffn_q", static_cast<int>(wtype), dtype, act, x, B, T, d, w_gate, w_up, w_down_t,
+                          ldw, D, idx, k, idx_batched, y);
 }
 
 glass_status glass_sparse_mlp_q(glass_qtype wtype, glass_dtype dtype, glass_activation act,
                                 const void* x, int64_t B, int64_t T, int64_t d, const void* w_in,
                                 const void* b_in, const void* w_out_t, const void* b_out, int64_t ldw,
                                 int64_t D, const int32_t* idx, int64_t k, int idx_batched, void* y) {
-  g_error[0] = '\0';
-  GLASS_REQUIRE_PTR(x, "sparse_mlp_q");
-  GLASS_REQUIRE_PTR(w_in, "sparse_mlp_q");
-  GLASS_REQUIRE_PTR(w_out_t, "sparse_mlp_q");
-  GLASS_REQUIRE_PTR(idx, "sparse_mlp_q");
-  GLASS_REQUIRE_PTR(y, "sparse_mlp_q");
-  FfnArgs a{};
-  a.gated = 0;
-  a.act = act;
-  a.x = x;
-  a.B = B; a.T = T; a.d = d; a.D = D;
-  a.w1 = w_in; a.w3 = w_out_t; a.b_in = b_in; a.b_out = b_out; a.ldw = ldw;
-  a.idx = idx; a.k = k; a.idx_batched = idx_batched != 0;
-  a.y = y;
-  return run_ffn(dtype, a, "sparse_mlp_q", static_cast<int>(wtype));
+  return sparse_mlp_entry("sparse_mlp_q", static_cast<int>(wtype), dtype, act, x, B, T, d, w_in, b_in, w_out_t,
+                          b_out, ldw, D, idx, k, idx_batched, y);
 }
 
 const char* glass_qkernel_name(glass_qtype wtype) {

@@ -265,11 +265,13 @@ def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict,
     """Score one configuration on one batch into ``scores``; returns the chosen sets if asked."""
     import glass_kernels as gk
 
+    from ..patch.quantized import FloatWeights
+
     gcfg = gk.GlassConfig(method="griffin" if cfg.method == "oracle" else cfg.method, keep=cfg.keep,
                           lam=cfg.lam if cfg.lam is not None else gk.GlassConfig().lam, weights=cfg.weights)
     # quantized weights: unpatch leaves the dequantized values, so the float originals are kept here
     # and put back afterwards (every configuration is scored against the same float model)
-    originals = _ffn_weights(model) if cfg.weights else None
+    originals = FloatWeights(model) if cfg.weights else None
     gk.patch(model, gcfg, stats=stats.get(cfg.stats) if cfg.stats else None)
     try:
         sess = gk.session(model)
@@ -286,22 +288,13 @@ def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict,
     finally:
         gk.unpatch(model)
         if originals is not None:
-            with torch.no_grad():
-                for p, w in originals:
-                    p.copy_(w)
+            originals.put_back()
     B = logits.shape[0]
     kl = torch.stack([kl_per_token(ref.logits[b], logits[b]) for b in range(B)])
     nll = torch.stack([nll_per_token(logits[b], batch.targets[b]) for b in range(B)])
     agree = torch.stack([top1_agree(ref.logits[b], logits[b]) for b in range(B)])
     scores.add(kl, nll, agree, torch.ones_like(agree))
     return chosen if want_sets else None
-
-
-def _ffn_weights(model) -> list:
-    """(parameter, a copy of its values) for every FFN weight of the model."""
-    from ..ffn import find_ffn_sites
-
-    return [(p, p.detach().clone()) for s in find_ffn_sites(model) for p in s.handler.weight_params(s.module)]
 
 
 def quant_configs(lam: float) -> list[Config]:

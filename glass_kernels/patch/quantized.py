@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import quant
-from ..ffn import FFNSite
+from ..ffn import FFNSite, find_ffn_sites
 from ..ffn.layout import empty_huge_pages
 
 WEIGHTS = {"int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0", "q4_0": "q4_0"}
@@ -115,6 +115,20 @@ def quantize_sites(sites, wtype: str) -> list[QuantizedFFN]:
             q.restore()
         raise
     return done
+
+
+class FloatWeights:
+    """A copy of a model's FFN weights, to put back after ``unpatch`` of quantized rows (which leaves
+    the dequantized values): for callers that patch the same float model again, e.g. with statistics
+    computed on it (the evaluation, the end-to-end benchmark). Costs one copy of the FFN weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(p, p.detach().clone()) for s in find_ffn_sites(model) for p in s.handler.weight_params(s.module)]
+
+    def put_back(self) -> None:
+        with torch.no_grad():
+            for p, w in self.saved:
+                p.copy_(w)
 
 
 def round_trip_error(original: list[torch.Tensor], restored: list[nn.Parameter]) -> dict[str, float]:
