@@ -7,6 +7,7 @@ Public API::
     glass_kernels.quant.quantize / dequantize / sparse_ffn_q / sparse_mlp_q   (int8 / 4-bit rows)
     with glass_kernels.backend("torch" | "cpp" | "triton" | "auto"): ...
     glass_kernels.patch(model, GlassConfig(...)), unpatch, session, GlobalStats, calibrate, load_model
+    glass_kernels.fit_selection(model, tokenizer, stats)   (adaptive λ and per-layer keep)
 
 ``import glass_kernels`` needs only torch: the C++ extension and triton are loaded on first use,
 and the names backed by transformers-facing modules (patch, calibrate, ...) are imported lazily.
@@ -28,6 +29,7 @@ _LAZY = {
     "session": "glass_kernels.patch",
     "GlobalStats": "glass_kernels.stats",
     "calibrate": "glass_kernels.calibrate",
+    "fit_selection": "glass_kernels.adaptive",
     "load_model": "glass_kernels.models",
 }
 

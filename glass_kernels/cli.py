@@ -378,6 +378,11 @@ def run_generate(args, loader: Loader, out=sys.stdout) -> int:
                 stats, _ = _cached_or_calibrated_stats(model, tok, args.model, progress=not args.no_progress,
                                                        out=sys.stderr)
         kw = {} if args.lam is None else {"lam": args.lam}
+        if args.keep_split is not None:
+            kw["keep_split"] = args.keep_split
+        if stats is None and (isinstance(args.lam, str) or args.keep_split == "fitted"):
+            stats, _ = _cached_or_calibrated_stats(model, tok, args.model, progress=not args.no_progress,
+                                                   out=sys.stderr)
         patch(model, stats=stats, method=args.method, keep=args.keep, **kw)
     ids = _encode(tok, args.prompt, _use_chat(tok, args.chat))
     sample = None
@@ -423,19 +428,47 @@ def run_calibrate(args, loader: Loader, out=sys.stdout) -> int:
     from .calibrate import calibrate
 
     _set_threads(args.threads)
+    if args.stats and not args.fit:
+        raise SystemExit("--stats only makes sense with --fit (fit an existing statistics file)")
     model, tok = loader(args.model, _DTYPES[args.dtype])
     source = args.source
     t0 = time.perf_counter()
-    stats = calibrate(model, tok, source, num_sequences=args.num_sequences, seq_len=args.seq_len,
-                      batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-                      prompt=args.nps_prompt)
+    if args.stats:
+        from .stats import GlobalStats
+
+        stats = GlobalStats.load(args.stats, model=model)
+        path = Path(args.output or args.stats)
+    else:
+        stats = calibrate(model, tok, source, num_sequences=args.num_sequences, seq_len=args.seq_len,
+                          batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                          prompt=args.nps_prompt)
+        path = Path(args.output) if args.output else stats_cache_path(
+            model, args.model, "nps" if source == "nps" else "text", stats.meta["num_sequences"], args.seq_len,
+            args.seed, args.nps_prompt)
+    if args.fit:
+        stats = _fit(model, tok, stats, args.fit_prompts, progress=not args.no_progress, out=out)
     dt = time.perf_counter() - t0
-    path = Path(args.output) if args.output else stats_cache_path(
-        model, args.model, "nps" if source == "nps" else "text", stats.meta["num_sequences"], args.seq_len,
-        args.seed, args.nps_prompt)
     stats.save(path)
     print(f"{stats!r}\n{stats.num_tokens} tokens in {dt:.1f} s -> {path}", file=out)
     return 0
+
+
+def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
+    from .adaptive import fit_prompts, fit_selection
+
+    texts = None
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+        if not texts:
+            raise SystemExit(f"--fit-prompts {prompts_file!r} holds no prompt")
+    chat = getattr(tok, "chat_template", None) is not None
+    prompts = [p for _, p in fit_prompts(tok, chat, texts=texts)]
+    stats = fit_selection(model, tok, stats, prompts=prompts, progress=progress)
+    f = stats.fit
+    print(f"selection fit: tau {f.tau:g} (lambda {f.tau / (f.tau + 40):.2f} at 40 prompt tokens); per-layer tau "
+          f"{[round(t) for t in f.layer_tau]}", file=out)
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,8 +482,15 @@ def _keep(v: str) -> float:
     return x
 
 
-def _lam(v: str) -> float:
-    x = float(v)
+def _lam(v: str) -> float | str:
+    from .patch.config import LAM_MODES
+
+    if v in LAM_MODES:  # adaptive lambda: needs statistics with a selection fit (calibrate --fit)
+        return v
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lam must be a float in [0, 1] or one of {LAM_MODES}, got {v!r}") from None
     if not 0.0 <= x <= 1.0:
         raise argparse.ArgumentTypeError(f"lam must be in [0, 1], got {v}")
     return x
@@ -506,7 +546,10 @@ def build_parser(argv_hint: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt")
     g.add_argument("--method", choices=methods, default="a-glass", help="'dense' = unpatched (default: %(default)s)")
     g.add_argument("--keep", type=_keep, default=0.5)
-    g.add_argument("--lam", type=_lam, default=None)
+    g.add_argument("--lam", type=_lam, default=None,
+                   help="lambda in [0, 1], or 'length' / 'layer' (fitted: needs stats made by calibrate --fit)")
+    g.add_argument("--keep-split", choices=("uniform", "fitted"), default=None,
+                   help="per-layer keep: 'fitted' spends the same FFN bytes where the fit says they matter most")
     g.add_argument("--stats", default=None, help="GlobalStats file (default: cached, else calibrate once)")
     g.add_argument("--max-new-tokens", type=_pos_int, default=128)
     g.add_argument("--chat", choices=("auto", "yes", "no"), default="auto")
@@ -530,6 +573,14 @@ def build_parser(argv_hint: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--nps-prompt", choices=("bos", "chat"), default="bos",
                    help="NPS prompt: BOS token only (default) or the empty chat prompt")
+    c.add_argument("--fit", action="store_true",
+                   help="also fit the adaptive selection (lam 'length' / 'layer', keep_split 'fitted') and store "
+                        "it in the file (a few minutes; glass_kernels.fit_selection)")
+    c.add_argument("--fit-prompts", default=None,
+                   help="with --fit: a UTF-8 file of prompts, one per line, like the ones you will serve "
+                        "(default: the packaged tune prompts, at four lengths)")
+    c.add_argument("--stats", default=None, help="with --fit: fit this existing statistics file instead of "
+                   "calibrating new statistics (written back to --output, default the same file)")
 
     want = set(argv_hint or [])
     for name, add in (("eval", "add_eval_arguments"), ("bench", "add_bench_arguments")):

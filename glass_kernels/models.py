@@ -286,12 +286,18 @@ def is_chat_model(name_or_tokenizer) -> bool:
     return getattr(name_or_tokenizer, "chat_template", None) is not None
 
 
-def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
+def prompt_ids(tokenizer, text: str, chat: bool, system: str | None = None) -> list[int]:
     """``text`` as token ids: one user turn of the chat template with the assistant's generation
     prompt (``chat``), else the plain text. The one place prompts are encoded (CLI, evaluation and
-    the "empty chat" calibration prompt), whatever container the tokenizer returns."""
+    the "empty chat" calibration prompt), whatever container the tokenizer returns.
+
+    ``system``: None leaves the template's default (SmolLM2's adds a ~30-token system prompt);
+    a string is sent as the system turn ("" = an empty one, i.e. no default system prompt)."""
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+        turns = [{"role": "user", "content": text}]
+        if system is not None:
+            turns.insert(0, {"role": "system", "content": system})
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True,
                                             tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tokenizer(text)["input_ids"]
@@ -300,3 +306,11 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+def has_default_system_prompt(tokenizer) -> bool:
+    """Whether the chat template adds a system prompt of its own (>= 8 tokens more than an empty
+    system turn), as SmolLM2's does; Gemma 3's template adds none."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False
+    return len(prompt_ids(tokenizer, "x", True)) - len(prompt_ids(tokenizer, "x", True, system="")) >= 8

@@ -181,6 +181,8 @@ class GlobalStats:
             so a bare ``GlobalStats(act, imp)`` built in a test only has its D checked against the model.
         num_tokens: number of calibration tokens accumulated.
         fingerprint_samples: optional per-layer fp32 samples of W_down (see :func:`model_signature`).
+        fit: optional :class:`glass_kernels.adaptive.SelectionFit` (adaptive selection: λ by prompt
+            length and layer, per-layer keep), made by ``fit_selection`` / ``calibrate --fit``.
     """
 
     activation: list[torch.Tensor]
@@ -188,6 +190,7 @@ class GlobalStats:
     meta: dict[str, Any] = field(default_factory=dict)
     num_tokens: int = 0
     fingerprint_samples: list[torch.Tensor] | None = None
+    fit: Any = None
 
     def __post_init__(self) -> None:
         self.activation = _as_stat_list("activation", self.activation)
@@ -223,6 +226,24 @@ class GlobalStats:
             ]
             if len(self.fingerprint_samples) != len(self.activation):
                 raise ValueError("fingerprint_samples must have one tensor per layer")
+        if self.fit is not None and self.fit.num_layers != len(self.activation):
+            raise ValueError(f"the selection fit has {self.fit.num_layers} layers, the statistics {len(self.activation)}")
+
+    def with_fit(self, fit) -> "GlobalStats":
+        """A copy that carries ``fit`` (a SelectionFit of the same model), replacing any earlier one."""
+        import dataclasses
+
+        return dataclasses.replace(self, meta=dict(self.meta), fit=fit)
+
+    def require_fit(self, what: str):
+        """The SelectionFit, or a ValueError naming ``what`` needs it and how to make one."""
+        if self.fit is None:
+            raise ValueError(
+                f"{what} needs the adaptive-selection fit in the statistics file, and these statistics have "
+                "none. Make one: `python -m glass_kernels calibrate --model M --fit` or "
+                "glass_kernels.fit_selection(model, tokenizer, stats)."
+            )
+        return self.fit
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -342,9 +363,13 @@ class GlobalStats:
         if self.fingerprint_samples is not None:
             for i, s in enumerate(self.fingerprint_samples):
                 tensors[f"fingerprint_sample.{i}"] = s
+        if self.fit is not None:
+            tensors.update(self.fit.tensors())
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        if self.fit is not None:
+            header["fit"] = json.dumps(self.fit.meta)
         for k, v in self.meta.items():
-            if k in header:
+            if k in header or k == "fit":
                 raise ValueError(f"meta key {k!r} is reserved")
             try:
                 header[k] = json.dumps(v)
@@ -415,7 +440,18 @@ class GlobalStats:
                 samples = [tensors[f"fingerprint_sample.{i}"] for i in range(n)]
             except KeyError as e:
                 raise StatsFileError(f"{path!r} is missing tensor {e.args[0]!r}") from None
-        unknown = sorted(names - expected - {f"fingerprint_sample.{i}" for i in range(n)})
+        from .adaptive import SelectionFit
+
+        fit = None
+        fit_names = set(SelectionFit.TENSOR_NAMES)
+        if names & fit_names:
+            if not fit_names <= names:
+                raise StatsFileError(f"{path!r} holds a partial selection fit (missing {sorted(fit_names - names)})")
+            try:
+                fit = SelectionFit.from_tensors(tensors, meta.pop("fit", {}))
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise StatsFileError(f"{path!r} holds an invalid selection fit: {e}") from None
+        unknown = sorted(names - expected - fit_names - {f"fingerprint_sample.{i}" for i in range(n)})
         if unknown:
             raise StatsFileError(f"{path!r} holds unexpected tensors {unknown[:5]}")
         num_tokens = meta.pop("num_tokens", 0)
@@ -426,6 +462,7 @@ class GlobalStats:
                 meta,
                 num_tokens,
                 samples,
+                fit,
             )
         except (ValueError, TypeError) as e:
             raise StatsFileError(f"{path!r} holds inconsistent statistics: {e}") from None

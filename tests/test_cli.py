@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import argparse
+
 import pytest
 import torch
 
@@ -182,6 +184,38 @@ def test_calibrate_writes_loadable_stats(tmp_path):
     path = out.strip().split("-> ")[-1]
     rc, g = run(["generate", "hi", "--model", "tiny", "--stats", path, "--max-new-tokens", "3"])
     assert rc == 0 and len(g.strip()) == 3
+
+
+def test_calibrate_fit_then_generate_adaptive(tmp_path):
+    outp = tmp_path / "s.safetensors"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("tell me about the sea\nwrite a short poem\n\nlist three colours\n")
+    rc, out = run(["calibrate", "--model", "tiny", "--num-sequences", "3", "--seq-len", "12", "--batch-size", "2",
+                   "-o", str(outp), "--no-progress", "--fit", "--fit-prompts", str(prompts)])
+    assert rc == 0 and "selection fit: tau" in out
+    s = GlobalStats.load(outp, model=tiny_models.build("llama"))
+    assert s.fit is not None and s.fit.meta["prompts"] == 3 * 4  # three prompts at four lengths
+    rc, g = run(["generate", "hi", "--model", "tiny", "--stats", str(outp), "--lam", "layer", "--keep-split",
+                 "fitted", "--max-new-tokens", "3"])
+    assert rc == 0 and len(g.strip()) == 3
+    # refitting an existing file; --stats without --fit is refused
+    rc, out = run(["calibrate", "--model", "tiny", "--stats", str(outp), "--fit", "--fit-prompts", str(prompts),
+                   "--no-progress"])
+    assert rc == 0 and str(outp) in out
+    with pytest.raises(SystemExit, match="--fit"):
+        run(["calibrate", "--model", "tiny", "--stats", str(outp)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit, match="no prompt"):
+        run(["calibrate", "--model", "tiny", "--stats", str(outp), "--fit", "--fit-prompts", str(empty)])
+
+
+def test_lam_argument_accepts_the_adaptive_modes():
+    from glass_kernels.cli import _lam
+
+    assert _lam("length") == "length" and _lam("0.25") == 0.25
+    with pytest.raises(argparse.ArgumentTypeError, match="length"):
+        _lam("auto")
 
 
 def test_module_entry_point_help():

@@ -132,7 +132,7 @@ def test_make_batch_positions_and_masks():
 def test_spread_covers_kinds():
     from glass_kernels.evaluation.data import KINDS, load_prompts
 
-    sub = R._spread(load_prompts("heldout"), 6)
+    sub = R.spread(load_prompts("heldout"), 6)
     assert {p["kind"] for p in sub} == set(KINDS)
 
 

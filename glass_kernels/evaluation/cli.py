@@ -56,8 +56,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-lams", type=_lams, default=None, help="lambdas of the tune-split sweep")
     p.add_argument("--lam", type=float, default=None,
                    help="lambda for the held-out A-/I-GLASS rows (default: best of the tune sweep)")
-    p.add_argument("--parts", default=None, help="comma-separated subset of sweep,heldout,length,quant (quant: the "
-                   "quantized-rows table, not in the default run)")
+    p.add_argument("--parts", default=None, help="comma-separated subset of sweep,heldout,length,adaptive,quant "
+                   "(quant: the quantized-rows table, not in the default run)")
     p.add_argument("--batch-size", type=_pos, default=None)
     p.add_argument("--nps-sequences", type=_pos, default=None, help="NPS calibration sequences (default 64)")
     p.add_argument("--text-sequences", type=_pos, default=None, help="text calibration sequences (default 64)")
@@ -92,9 +92,9 @@ def settings_from_args(args) -> "object":
             raise SystemExit("--length-targets must be >= 0")
     if args.parts:
         parts = tuple(x.strip() for x in args.parts.split(","))
-        bad = set(parts) - {"sweep", "heldout", "length", "quant"}
+        bad = set(parts) - {"sweep", "heldout", "length", "adaptive", "quant"}
         if bad:
-            raise SystemExit(f"--parts: unknown part(s) {sorted(bad)}; choose from sweep,heldout,length,quant")
+            raise SystemExit(f"--parts: unknown part(s) {sorted(bad)}; choose from sweep,heldout,length,adaptive,quant")
         over["parts"] = parts
     if args.lam is not None and not (0.0 <= args.lam <= 1.0):
         raise SystemExit(f"--lam must be in [0, 1], got {args.lam}")
@@ -158,7 +158,7 @@ def merge_results(old: dict, new: dict) -> dict:
     """new's parts replace old's; old's other parts stay, with their own settings and commands recorded."""
     out = dict(old)
     for k, v in new.items():
-        if k in ("lambda_sweep", "heldout", "prompt_length"):
+        if k in ("lambda_sweep", "heldout", "prompt_length", "adaptive", "quant"):
             out[k] = v
     oh, nh = old.get("heldout"), new.get("heldout")
     lam = lambda r: {k: v for k, v in (r.get("lam_used") or {}).items() if k != "chosen_by"}  # noqa: E731
@@ -174,9 +174,9 @@ def merge_results(old: dict, new: dict) -> dict:
     for k in ("machine", "stats", "command"):
         if k in new:
             out[k] = new[k]
-    parts = [k for k in ("lambda_sweep", "heldout", "prompt_length") if k in new]
-    runs = list(old.get("runs", [_run_record(old, [k for k in ("lambda_sweep", "heldout", "prompt_length")
-                                                    if k in old])]))
+    parts = [k for k in ("lambda_sweep", "heldout", "prompt_length", "adaptive", "quant") if k in new]
+    runs = list(old.get("runs", [_run_record(old, [k for k in ("lambda_sweep", "heldout", "prompt_length",
+                                                                "adaptive", "quant") if k in old])]))
     runs.append(_run_record(new, parts))
     out["runs"] = runs
     # keyed by run number: two runs of the same part (e.g. further keeps) must not overwrite each other

@@ -208,6 +208,11 @@ def markdown_report(res: dict, command: str | None = None) -> str:
                      f"{ffn_bytes_fraction(r):.3f} | {_fmt(r['kl'])} ± {_fmt(r['kl_sem'])} | {_fmt(r['ppl'], 2)} | "
                      f"{_fmt(r['top1'])} |")
         L += [""]
+    a = res.get("adaptive")
+    if a:
+        from .adaptive_report import adaptive_markdown
+
+        L += adaptive_markdown(a)
     t = res.get("timing", {})
     if t:
         L += ["## Run time", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
@@ -231,7 +236,8 @@ def plot_names(res: dict) -> list[str]:
                                        ("jaccard_layers.png", bool(h.get("jaccard"))),
                                        ("kl_vs_lambda.png", bool(res.get("lambda_sweep"))),
                                        ("prompt_length.png", bool(res.get("prompt_length"))),
-                                       ("quantized_rows.png", bool(res.get("quant")))) if present]
+                                       ("quantized_rows.png", bool(res.get("quant"))),
+                                       ("adaptive_length.png", bool(res.get("adaptive")))) if present]
 
 
 def _kl_order(v: dict, ref: dict) -> int:
@@ -374,6 +380,11 @@ def make_plots(res: dict, out_dir: Path) -> list[Path]:
     q = res.get("quant")
     if q:
         paths.append(_plot_quant(q, name, out_dir / "quantized_rows.png"))
+    a = res.get("adaptive")
+    if a:
+        from .adaptive_report import plot_adaptive
+
+        paths.append(plot_adaptive(a, name, out_dir / "adaptive_length.png"))
     return paths
 
 

@@ -23,6 +23,7 @@ with the dense argmax, and per layer the Jaccard overlap of each method's set wi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -69,13 +70,23 @@ class EvalSettings:
     stats_seq_len: int = 256
     threads: int | None = None
     progress: bool = True
-    parts: tuple = ("sweep", "heldout", "length")  # and "quant": the quantized-rows configurations
+    parts: tuple = ("sweep", "heldout", "length", "adaptive")  # and "quant": the quantized-rows configurations
+    # the adaptive-selection study (evaluation/adaptive_study.py)
+    adaptive_tune: int = 36  # tune prompts (the fit), at each bucket
+    adaptive_heldout: int = 36  # held-out prompts scored, at each bucket
+    adaptive_targets: tuple = (0, 64, 128, 256)  # context tokens prepended: the prompt-length buckets
+    adaptive_gen_tokens: int = 64
+    adaptive_keeps: tuple = (0.5, 0.3)
+    adaptive_lams: tuple = (0.25, 0.5, 0.75, 1.0)  # the single lambdas compared (and GRIFFIN, lambda 0)
+    adaptive_small_stats: tuple | None = (32, 128)  # also fit and score on weaker NPS stats (seqs, len)
 
     @classmethod
     def quick(cls) -> "EvalSettings":
         return cls(keeps=(0.5,), gen_tokens=64, n_heldout=6, n_tune=6, sweep_lams=(0.0, 0.5, 0.75, 1.0),
                    n_length=3, length_targets=(0, 96), length_lams=(0.0, 0.75, 1.0), length_gen_tokens=48,
-                   batch_size=6, nps_sequences=16, text_sequences=16, stats_seq_len=128)
+                   batch_size=6, nps_sequences=16, text_sequences=16, stats_seq_len=128,
+                   adaptive_tune=3, adaptive_heldout=3, adaptive_targets=(0, 96), adaptive_gen_tokens=24,
+                   adaptive_keeps=(0.5,), adaptive_small_stats=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +128,11 @@ def heldout_configs(keeps: Sequence[float], lam_a: float, lam_i: float) -> list[
 # prompts and continuations
 # --------------------------------------------------------------------------------------------------
 
-def encode_prompts(tok, texts: Sequence[str], chat: bool) -> list[list[int]]:
+def encode_prompts(tok, texts: Sequence[str], chat: bool, system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt (``system``: see models.prompt_ids; "" = no system prompt)."""
     from ..models import prompt_ids
 
-    return [prompt_ids(tok, t, chat) for t in texts]
+    return [prompt_ids(tok, t, chat, system=system) for t in texts]
 
 
 def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,17 +248,21 @@ class Reference:
     oracle_stat: list  # per layer fp32 [B, D]
     prompt_stat: list  # per layer fp32 [B, D]
     nll: torch.Tensor  # [B, N-1]
+    prompt_cache: object = None  # the (dense) prompt's KV cache, before the continuation
 
 
-def reference_pass(model, batch: _Batch) -> Reference:
+def reference_pass(model, batch: _Batch, keep_prompt_cache: bool = False) -> Reference:
+    """The dense pass of a batch (``keep_prompt_cache``: also a copy of the prompt's KV cache, which
+    continuation_logits reuses so that each configuration only runs the continuation)."""
     import glass_kernels as gk
 
-    gk.patch(model, gk.GlassConfig(method="dense"))
+    gk.patch(model, gk.GlassConfig(method="dense", layout="separate", tune=False))  # no relayout copy per batch
     try:
         sess = gk.session(model)
         with torch.inference_mode():
             out = model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.pos, use_cache=True)
             prompt_stat = sess.local_stats()
+            prompt_cache = copy.deepcopy(output_cache(out)) if keep_prompt_cache else None
             with sess.prompt():
                 out2 = model(input_ids=batch.cont_in, attention_mask=batch.cont_mask, position_ids=batch.cont_pos,
                              **cache_kwargs(model, output_cache(out)), use_cache=True)
@@ -257,7 +273,7 @@ def reference_pass(model, batch: _Batch) -> Reference:
     oracle = [(t - p).clamp_min_(0.0) for t, p in zip(total, prompt_stat)]
     logits = out2.logits
     nll = torch.stack([nll_per_token(logits[b], batch.targets[b]) for b in range(logits.shape[0])])
-    return Reference(logits, oracle, prompt_stat, nll)
+    return Reference(logits, oracle, prompt_stat, nll, prompt_cache)
 
 
 def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict, scores: TokenScores,
@@ -297,6 +313,30 @@ def score_config(model, cfg: Config, batch: _Batch, ref: Reference, stats: dict,
     return chosen if want_sets else None
 
 
+def continuation_logits(model, batch: _Batch, ref: Reference, gcfg, stats, sets=None, return_sets: bool = False):
+    """Logits of the continuation under ``patch(model, gcfg, stats)``, reusing the reference's prompt
+    cache: the prompt forward is dense for every method, so only the continuation differs. The sets
+    are ``sets`` (per layer [B or 1, k_l]) or, if None, the ones the patch itself chooses from the
+    reference's prompt statistics and token counts (Session.choose). tests/test_adaptive.py checks
+    this gives the sets and logits of running the prompt through the patched model."""
+    import glass_kernels as gk
+
+    if ref.prompt_cache is None:
+        raise ValueError("the reference pass kept no prompt cache (reference_pass(keep_prompt_cache=True))")
+    gk.patch(model, gcfg, stats=stats)
+    try:
+        sess = gk.session(model)
+        if sets is None:
+            sets = sess.choose(ref.prompt_stat, batch.mask.sum(1))
+        sess.set_neurons(sets)
+        with torch.inference_mode():
+            out = model(input_ids=batch.cont_in, attention_mask=batch.cont_mask, position_ids=batch.cont_pos,
+                        **cache_kwargs(model, copy.deepcopy(ref.prompt_cache)), use_cache=True)
+    finally:
+        gk.unpatch(model)
+    return (out.logits, sets) if return_sets else out.logits
+
+
 def quant_configs(lam: float) -> list[Config]:
     """The quality cost of quantized rows: dense and A-GLASS keep 0.5, in the model's floats, int8, int4."""
     return [Config("dense", 1.0, weights="int8"), Config("dense", 1.0, weights="int4"),
@@ -313,7 +353,7 @@ def dense_scores(ref: Reference, batch: _Batch, scores: TokenScores) -> None:
 # one model
 # --------------------------------------------------------------------------------------------------
 
-def _spread(items: list[dict], n: int | None) -> list[dict]:
+def spread(items: list[dict], n: int | None) -> list[dict]:
     """n items taken round-robin over the kinds (so a subset still covers every kind)."""
     if n is None or n >= len(items):
         return list(items)
@@ -370,6 +410,22 @@ def _get_stats(model, tok, name: str, settings: EvalSettings, progress: bool) ->
     return out
 
 
+def _small_stats(model, tok, name: str, settings: EvalSettings):
+    """NPS statistics of the size a quick user calibration makes (settings.adaptive_small_stats)."""
+    from ..calibrate import calibrate
+    from ..cli import stats_cache_path
+    from ..stats import GlobalStats
+
+    n, seq_len = settings.adaptive_small_stats
+    path = stats_cache_path(model, name, "nps", n, seq_len)
+    if path.exists():
+        return GlobalStats.load(path, model=model)
+    s = calibrate(model, tok, "nps", num_sequences=n, seq_len=seq_len, progress=settings.progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s.save(path)
+    return s
+
+
 def _run_configs(model, prompt_ids, conts, configs: list[Config], stats, settings, pad, bar,
                  jaccard_keeps=()) -> tuple[dict, dict]:
     """Score configs on all prompts, batch by batch (one reference pass per batch)."""
@@ -407,7 +463,7 @@ def _summaries(scores: dict, configs: list[Config]) -> dict:
     return out
 
 
-def _length_prompts(items: list[dict], pool: list[dict], tok, chat: bool, target: int) -> list[str]:
+def length_prompts(items: list[dict], pool: list[dict], tok, chat: bool, target: int) -> list[str]:
     """Each prompt with about ``target`` tokens of context prepended: other prompts of the same kind
     (then any kind), joined by blank lines -- a longer prompt on a related topic mix."""
     texts = []
@@ -455,8 +511,8 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
     stats = _get_stats(model, tok, name, settings, settings.progress)
     timing["stats_s"] = round(time.perf_counter() - t0, 1)
 
-    tune = _spread(load_prompts("tune"), settings.n_tune)
-    held = _spread(load_prompts("heldout"), settings.n_heldout)
+    tune = spread(load_prompts("tune"), settings.n_tune)
+    held = spread(load_prompts("heldout"), settings.n_heldout)
     res: dict = {"model": name, "chat_template": chat, "fingerprint": fingerprint,
                  "settings": dataclasses.asdict(settings), "machine": machine_info(),
                  "stats": {k: {kk: v.meta.get(kk) for kk in ("source", "num_sequences", "seq_len", "seed", "text")}
@@ -541,14 +597,28 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
             res["quant"]["results"][c.key]["weights"] = c.weights or "float"
         if checkpoint:
             checkpoint(dict(res, timing=dict(timing), partial=True))
+    # ---- adaptive selection: lambda by length / layer, per-layer keep (held-out, by length bucket) -----
+    if "adaptive" in settings.parts:
+        from .adaptive_study import run_study
+
+        t = time.perf_counter()
+        by_source = {"nps": stats["nps"]}
+        if settings.adaptive_small_stats:
+            by_source["nps-small"] = _small_stats(model, tok, name, settings)
+        res["adaptive"] = run_study(
+            model, tok, name, settings, by_source, gen=gen, cache_file=cache_file, fingerprint=fingerprint,
+            progress_cls=lambda total, desc: _Progress(total, desc, settings.progress), log=logger.info)
+        timing["adaptive_s"] = round(time.perf_counter() - t, 1)
+        if checkpoint:
+            checkpoint(dict(res, timing=dict(timing), partial=True))
     # ---- prompt-length dependence (tune split) --------------------------------------------------------
     if "length" in settings.parts:
-        items = _spread(load_prompts("tune"), settings.n_length)
+        items = spread(load_prompts("tune"), settings.n_length)
         pool = load_prompts("tune")
         rows = []
         t = time.perf_counter()
         for target in settings.length_targets:
-            texts = _length_prompts(items, pool, tok, chat, target)
+            texts = length_prompts(items, pool, tok, chat, target)
             ids = encode_prompts(tok, texts, chat)
             conts = gen(ids, settings.length_gen_tokens, f"length{target}")
             configs = [Config("a-glass", 0.5, lam, "nps") for lam in settings.length_lams]

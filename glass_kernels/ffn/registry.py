@@ -98,6 +98,12 @@ class FFNHandler:
         self.activation = activation_name(self.act_module(module))
 
     # -- description ----------------------------------------------------------------------
+    @property
+    def row_elems(self) -> int:
+        """Weight elements one neuron owns (what keeping it costs per decode step): gate, up and
+        down rows of d (gated), or in and out rows of d plus a bias (mlp)."""
+        return 3 * self.d if self.kind == "gated" else 2 * self.d + 1
+
     def check(self, module: nn.Module) -> None:
         """Raise UnsupportedModelError if this instance has a variant the ops cannot run."""
 

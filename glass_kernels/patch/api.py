@@ -98,6 +98,11 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         stats.check_model(model)
     elif stats is not None:
         stats.check_model(model)
+    if config.adaptive:
+        if stats is None:
+            raise ValueError(f"lam={config.lam!r} / keep_split={config.keep_split!r} read the adaptive-selection "
+                             "fit of the statistics file: pass stats=... (made by `calibrate --fit`)")
+        stats.require_fit(f"GlassConfig(lam={config.lam!r}, keep_split={config.keep_split!r})")
 
     state = GlassState(model, sites, config, stats)
     installed, relaid = _install(model, sites, state)

@@ -10,6 +10,9 @@ from ..backend import BACKENDS
 STRATEGIES = ("gather", "compact", "auto")
 LAYOUTS = ("auto", "separate", "bundled")
 WEIGHTS = (None, "int8", "int4", "q8_0", "q4_0")
+# Adaptive selection (glass_kernels.adaptive; needs the statistics' SelectionFit):
+LAM_MODES = ("length", "layer")  # lam = tau / (tau + prompt tokens), one tau / one per layer
+KEEP_SPLITS = ("uniform", "fitted")
 
 # Methods whose selection needs the offline global statistics (GlobalStats).
 NEEDS_GLOBAL = frozenset({"a-glass", "i-glass", "global"})
@@ -34,6 +37,12 @@ class GlassConfig:
     keep:    fraction of each layer's D neurons kept: k = max(1, floor(keep * D)); in (0, 1].
     lam:     weight of the global rank in a(i) = lam * r_G(i) + (1 - lam) * r_L(i), in [0, 1].
              Only "a-glass" / "i-glass" read it ("griffin" forces 0, "global" forces 1).
+             Adaptive (glass_kernels.adaptive, needs stats with a selection fit): "length" takes
+             lam = tau / (tau + n) per sequence, n its prompt tokens, one fitted tau; "layer" the
+             same with one fitted tau per layer.
+    keep_split: how the FFN budget is split across layers: "uniform" (every layer keeps the fraction
+             ``keep``) or "fitted" (per-layer fractions allocated from the fit's per-layer loss
+             curves; the same weight bytes per decode step in total). Needs a selecting method.
     backend: "auto" | "cpp" | "triton" | "torch": which implementation of the ops runs.
     seed:    seed of the "random" method's sets (layer l uses seed + l).
     strategy: how the decode reads the selected neurons: "gather" (default) reads their rows in
@@ -70,6 +79,7 @@ class GlassConfig:
     tune: bool | str = "auto"
     layout: str = "auto"
     weights: str | None = None
+    keep_split: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,10 +88,17 @@ class GlassConfig:
             raise TypeError(f"keep must be a float in (0, 1], got {type(self.keep).__name__}")
         if not (0.0 < float(self.keep) <= 1.0) or math.isnan(self.keep):
             raise ValueError(f"keep must be in (0, 1], got {self.keep!r}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
-            raise TypeError(f"lam must be a float in [0, 1], got {type(self.lam).__name__}")
-        if not (0.0 <= float(self.lam) <= 1.0):
+        if isinstance(self.lam, str):
+            if self.lam not in LAM_MODES:
+                raise ValueError(f"lam must be a float in [0, 1] or one of {LAM_MODES}, got {self.lam!r}")
+        elif isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
+            raise TypeError(f"lam must be a float in [0, 1] or one of {LAM_MODES}, got {type(self.lam).__name__}")
+        elif not (0.0 <= float(self.lam) <= 1.0):
             raise ValueError(f"lam must be in [0, 1], got {self.lam!r}")
+        if self.keep_split not in KEEP_SPLITS:
+            raise ValueError(f"keep_split must be one of {KEEP_SPLITS}, got {self.keep_split!r}")
+        if self.keep_split == "fitted" and self.method not in NEEDS_LOCAL | NEEDS_GLOBAL:
+            raise ValueError(f"keep_split=\"fitted\" needs a selecting method, not {self.method!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -96,13 +113,18 @@ class GlassConfig:
             raise ValueError(f"tune must be True, False or \"auto\", got {self.tune!r}")
 
     @property
-    def effective_lam(self) -> float:
-        """The lambda the selection really uses (griffin = 0, global = 1)."""
+    def effective_lam(self) -> float | str:
+        """The lambda the selection really uses (griffin = 0, global = 1; "length" / "layer": fitted)."""
         if self.method == "griffin":
             return 0.0
         if self.method == "global":
             return 1.0
-        return float(self.lam)
+        return self.lam if isinstance(self.lam, str) else float(self.lam)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether this config reads the statistics' selection fit."""
+        return isinstance(self.effective_lam, str) or self.keep_split == "fitted"
 
     @property
     def local_kind(self) -> str:

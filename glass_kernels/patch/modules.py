@@ -40,7 +40,7 @@ class GlassFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
-        if st.sparse:
+        if st.sparse and not st.plan.runs_dense(self.layer):
             return st.sparse_forward(self.layer, x, self.flattens)
         site = self.site
         if st.quantized is not None:  # GlassConfig.weights: this layer dequantized for the forward

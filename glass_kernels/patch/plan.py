@@ -49,6 +49,11 @@ class DecodePlan:
             if quantized is not None:  # GlassConfig.weights: quantized rows (patch/quantized.py)
                 self.calls.append(self._quantized_call(quantized[layer], idx, h))
                 continue
+            if _every_neuron(idx, site.D):
+                # every neuron in order (keep 1.0, or a layer the fitted keep split keeps whole): the
+                # layer's dense forward reads the same bytes, and is the dense model's result exactly
+                self.calls.append(None)
+                continue
             operands = tuple(h.weights(site.module))
             idx = idx.to(operands[0].device).contiguous()
             if compact:
@@ -74,6 +79,10 @@ class DecodePlan:
         fn = quant.sparse_ffn_q_prevalidated if h.kind == "gated" else quant.sparse_mlp_q_prevalidated
         return (partial(fn, wtype=q.wtype), operands, idx, h.activation)
 
+    def runs_dense(self, layer: int) -> bool:
+        """Whether this layer keeps every neuron and so runs its dense forward."""
+        return self.calls[layer] is None
+
     def forward(self, layer: int, x: torch.Tensor, batch: int, flattens: bool) -> torch.Tensor:
         fn, operands, idx, act = self.calls[layer]
         if flattens:  # OPT hands the FFN [B*T, d]
@@ -85,4 +94,12 @@ class DecodePlan:
         """Bytes of the compacted copies (0 when gathering in place)."""
         if self.strategy != "compact":
             return 0
-        return sum(t.numel() * t.element_size() for _, ops, _, _ in self.calls for t in ops[:3] if t is not None)
+        return sum(t.numel() * t.element_size() for c in self.calls if c is not None for t in c[1][:3]
+                   if t is not None)
+
+
+def _every_neuron(idx: torch.Tensor, D: int) -> bool:
+    """idx ([k] or [R, k]) lists 0..D-1 in order in every row."""
+    if idx.shape[-1] != D:
+        return False
+    return bool((idx == torch.arange(D, dtype=idx.dtype, device=idx.device)).all())

@@ -46,7 +46,7 @@ from .. import hf_compat
 from .config import GlassConfig
 from .plan import DecodePlan
 from ..ffn import FFNSite, accumulate_statistic, down_norms
-from .selection import make_selection
+from .selection import layer_k, make_selection
 
 logger = logging.getLogger("glass_kernels.patch")
 
@@ -68,7 +68,7 @@ class GlassState:
         self.config = config
         self.sites = sites
         self.n = len(sites)
-        self.k = [config.k_for(s.D) for s in sites]
+        self.k = layer_k(config, sites, stats)
         self.impact = config.local_kind == "impact"
         self.selection = make_selection(config, sites, self.k, stats)
         # The down norms live with the weights (moved lazily if the model moves).
@@ -111,6 +111,7 @@ class GlassState:
         self.seq_batch = 0  # rows of the current sequence(s)
         self.mask: torch.Tensor | None = None  # bool [B, T] of the current tokens, or None
         self.local: list[torch.Tensor | None] = [None] * self.n
+        self.tokens: torch.Tensor | None = None  # int64 [B]: prompt tokens behind each row's statistics
         self.groups: torch.Tensor | None = None  # int64 [B]: rows with identical prompts
         self.neurons: list[torch.Tensor] | None = None  # int32 [B or 1, k] per layer
         self.forced = False
@@ -219,6 +220,7 @@ class GlassState:
                     self.plan = None
             self.batch = B
             self.mask = self._token_mask(self._arg("attention_mask", args, kwargs), B, T)
+            self._count_tokens(B, T)
             self._update_groups(ids, embeds, self.mask)
             self.collect = True
             self.sparse = False
@@ -268,6 +270,8 @@ class GlassState:
         """The cache was expanded after the prompt (``Cache.batch_repeat_interleave(r)``: row b
         becomes rows b*r .. b*r + r-1): expand the sets, statistics and groups the same way."""
         self.local = [None if t is None else t.repeat_interleave(r, dim=0) for t in self.local]
+        if self.tokens is not None:
+            self.tokens = self.tokens.repeat_interleave(r, dim=0)
         if self.groups is not None:
             self.groups = self.groups.repeat_interleave(r, dim=0)
         if self.neurons is not None:
@@ -293,6 +297,12 @@ class GlassState:
             "every prompt token counts in the local statistics. Use a 2-D mask with padded batches.",
         )
         return None
+
+    def _count_tokens(self, B: int, T: int) -> None:
+        counted = self.mask.sum(1).cpu().long() if self.mask is not None else torch.full((B,), T, dtype=torch.long)
+        if self.tokens is None or self.tokens.numel() != B:
+            self.tokens = torch.zeros(B, dtype=torch.long)
+        self.tokens += counted
 
     def _update_groups(self, ids, embeds, mask) -> None:
         B = self.batch
@@ -334,9 +344,11 @@ class GlassState:
                     )
                 local = self.local
             reps = self._group_representatives()
+            tokens = self.tokens
             if reps is not None:  # rows expanded from one prompt share the set of its first row
                 local = [t.index_select(0, reps.to(t.device)) for t in local]
-            sets = self.selection.choose(local, self._device)
+                tokens = None if tokens is None else tokens.index_select(0, reps)
+            sets = self.selection.choose(local, self._device, tokens)
             if sets is not None and reps is not None:
                 sets = [t.index_select(0, self.groups.to(t.device)).contiguous() for t in sets]
             self.neurons = sets
@@ -390,6 +402,11 @@ class GlassState:
         return self.plan.forward(layer, x, self.batch, flattens)
 
     # -- explicit sets --------------------------------------------------------------------------
+    def choose(self, local: Sequence[torch.Tensor], tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        """The sets this patch chooses for per-layer statistics [R, D] of prompts of ``tokens`` tokens."""
+        return self.selection.choose([t.float().contiguous() for t in local], self._device,
+                                     torch.as_tensor(tokens).long().cpu())
+
     def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
         if len(sets) != self.n:
             raise ValueError(f"sets must have one tensor per FFN layer ({self.n}), got {len(sets)}")
@@ -490,6 +507,12 @@ class Session:
                                       else "no prompt has gone through the patched model yet")
             )
         return [t.clone() for t in st.neurons]
+
+    def choose(self, local_stats: Sequence[torch.Tensor], tokens) -> list[torch.Tensor] | None:
+        """The neuron sets this patch would choose for prompts with these local statistics (per layer
+        fp32 [R, D], as ``local_stats()`` returns) and ``tokens`` prompt tokens per row ([R]), without
+        running a prompt; None for "dense". Used to score many configurations on one prompt pass."""
+        return self._state.choose(local_stats, tokens)
 
     def set_neurons(self, sets: Sequence[torch.Tensor]) -> None:
         self._state.set_neurons(sets)

@@ -6,8 +6,9 @@ one aggregate"). One small interface, ``Selection.choose``, and one class per ki
 * ``FixedSelection``: global and random: one set per layer, the same for every prompt;
 * ``NoSelection``: dense.
 
-New selection rules (per-layer lambda, lambda by prompt length, per-layer keep) are new classes here;
-the schedule only calls ``choose``.
+Adaptive lambda (``lam="length"`` / ``"layer"``, glass_kernels.adaptive) is RankAggregation with a
+per-row, per-layer lambda from the statistics' fit; per-layer keep only changes ``k``.
+The schedule only calls ``choose``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class Selection:
 
     needs_local = False  # whether choose() reads the prompt's local statistics
 
-    def choose(self, local: Sequence[torch.Tensor] | None,
-               device_of: Callable[[int], torch.device]) -> list[torch.Tensor] | None:
+    def choose(self, local: Sequence[torch.Tensor] | None, device_of: Callable[[int], torch.device],
+               tokens: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """``local``: per layer fp32 [R, D]; ``tokens``: int [R] prompt tokens behind each row."""
         raise NotImplementedError
 
     def nbytes(self) -> dict[str, int]:
@@ -42,7 +44,7 @@ class Selection:
 
 
 class NoSelection(Selection):
-    def choose(self, local, device_of):
+    def choose(self, local, device_of, tokens=None):
         return None
 
 
@@ -67,7 +69,7 @@ class FixedSelection(Selection):
             self._sets[layer] = s = s.reshape(1, k).contiguous()
         return s
 
-    def choose(self, local, device_of):
+    def choose(self, local, device_of, tokens=None):
         return [self._set(l).to(device_of(l)) for l in range(len(self.sites))]
 
     def nbytes(self):
@@ -80,8 +82,9 @@ class RankAggregation(Selection):
     needs_local = True
 
     def __init__(self, config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[int],
-                 global_ranks: list[torch.Tensor] | None) -> None:
-        self.lam = config.effective_lam
+                 global_ranks: list[torch.Tensor] | None, fit=None) -> None:
+        self.lam = config.effective_lam  # a float, or "length" / "layer" (read from ``fit``)
+        self.fit = fit
         self.sites, self.k = sites, k
         # The global ranks live with the weights (moved lazily if the model moves).
         self.global_ranks = global_ranks
@@ -100,10 +103,18 @@ class RankAggregation(Selection):
             r = self._identity[key] = torch.arange(1, key[0] + 1, dtype=torch.int32, device=device)
         return r
 
-    def choose(self, local, device_of):
+    def choose(self, local, device_of, tokens=None):
         out = []
         for l, rows in enumerate(local):
-            idx = _ops().select_neurons(rows, self._ranks(l, rows.device), self.lam, self.k[l])
+            ranks = self._ranks(l, rows.device)
+            if isinstance(self.lam, str):
+                if tokens is None:
+                    raise ValueError(f"lam={self.lam!r} needs the prompt's token counts")
+                lams = self.fit.lam(tokens.cpu(), l if self.lam == "layer" else None)
+                idx = torch.cat([_ops().select_neurons(rows[r:r + 1], ranks, float(lams[r]), self.k[l])
+                                 for r in range(rows.shape[0])])
+            else:
+                idx = _ops().select_neurons(rows, ranks, self.lam, self.k[l])
             out.append(idx.to(torch.int32).contiguous())
         return out
 
@@ -121,4 +132,13 @@ def make_selection(config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[in
         return NoSelection()
     if config.method in ("global", "random"):
         return FixedSelection(config, sites, k, global_ranks)
-    return RankAggregation(config, sites, k, global_ranks)
+    return RankAggregation(config, sites, k, global_ranks, stats.fit if config.adaptive else None)
+
+
+def layer_k(config: GlassConfig, sites: Sequence[FFNSite], stats) -> list[int]:
+    """Neurons kept per layer: k = floor(keep * D) everywhere, or (keep_split="fitted") the fit's
+    allocation of the same weight bytes (glass_kernels.adaptive.SelectionFit.layer_k)."""
+    if config.keep_split == "fitted" and config.method not in ("dense",):
+        fit = stats.require_fit("keep_split=\"fitted\"")
+        return fit.layer_k(config.keep, [s.D for s in sites], [s.handler.row_elems for s in sites])
+    return [config.k_for(s.D) for s in sites]

@@ -1,0 +1,101 @@
+"""The adaptive-selection study's section of report.md and its plot (results["adaptive"])."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["adaptive_markdown", "plot_adaptive", "adaptive_verdict", "TARGET_GAIN"]
+
+# The acceptance bar of the study: the best new option's KL, averaged over the length buckets, at
+# least this much below the best single lambda's, and no bucket more than WORST_BUCKET worse.
+TARGET_GAIN = 0.10
+WORST_BUCKET = 0.02
+
+NEW = ("length", "layer", "length+keep", "layer+keep")
+
+
+def _f(x, nd=3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def adaptive_verdict(summary: dict) -> str:
+    """One line per (variant, keep): the best new option against the best single lambda."""
+    best_new = min(NEW, key=lambda n: summary["options"][n]["mean_kl"])
+    o = summary["options"][best_new]
+    ok = o["vs_best_single"] <= -TARGET_GAIN and o["worst_bucket_vs_best_single"] <= WORST_BUCKET
+    return (f"best new option {best_new}: {_pct(o['vs_best_single'])} mean KL vs the best single lambda "
+            f"({summary['best_single']}), worst bucket {_pct(o['worst_bucket_vs_best_single'])}: "
+            + ("meets" if ok else "does not meet") + f" the bar (<= {_pct(-TARGET_GAIN)}, no bucket > "
+            f"{_pct(WORST_BUCKET)})")
+
+
+def adaptive_markdown(a: dict) -> list[str]:
+    L = [f"## Adaptive selection (held-out, {a['heldout_prompts']} prompts per bucket, {a['gen_tokens']}-token "
+         "continuations)", "",
+         "Fitted on the tune split only (`fit_selection`: "
+         f"{a['tune_prompts']} tune prompts x {len(a['buckets'])} lengths); each bucket prepends that many tokens of "
+         "other prompts. Options: griffin (lambda 0), lam=x (one lambda), length (lambda = tau / (tau + n), n "
+         "= prompt tokens), layer (one tau per layer), +keep (per-layer keep from the fit, the same FFN bytes "
+         "per token). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
+         "chosen in hindsight on these held-out prompts (the strictest comparison). Variants: template = the "
+         "chat template as shipped; no-system = an empty system turn instead of the template's default "
+         "system prompt.", ""]
+    for source, src in a["sources"].items():
+        fit, st = src["fit"], src["stats"]
+        L += [f"### Statistics: {source} ({st.get('num_sequences')} x {st.get('seq_len')} tokens NPS, "
+              f"{st.get('num_tokens')} tokens)", "",
+              f"Fitted tau {fit['tau']:g} (lambda {fit['tau'] / (fit['tau'] + 40):.2f} at 40 prompt tokens, "
+              f"{fit['tau'] / (fit['tau'] + 300):.2f} at 300); per layer: "
+              + ", ".join(f"{t:.0f}" for t in fit["layer_tau"]) + f". Fit time {fit['meta'].get('seconds')} s.", ""]
+        for key, summ in src["summary"].items():
+            variant, keep = key.split("@")
+            rows = [r for r in src["rows"] if r["variant"] == variant]
+            L += [f"**{variant}, keep {keep}**: KL by bucket (mean prompt tokens in the header)", "",
+                  "| option | " + " | ".join(f"+{r['context_tokens']} ({r['prompt_tokens_mean']:.0f})" for r in rows)
+                  + " | mean | vs best single | worst bucket vs best single | worst bucket vs GRIFFIN | FFN MB/token |",
+                  "|---|" + "---|" * (len(rows) + 5)]
+            for name, o in summ["options"].items():
+                cells = [_f(r["results"][f"{name}@{keep}"]["kl"]) for r in rows]
+                mb = src["bytes_per_token"].get(f"{name}@{keep}", 0) / 2 ** 20
+                mark = " (best single)" if name == summ["best_single"] else ""
+                L.append(f"| {name}{mark} | " + " | ".join(cells) + f" | {_f(o['mean_kl'])} | "
+                         f"{_pct(o['vs_best_single'])} | {_pct(o['worst_bucket_vs_best_single'])} | "
+                         f"{_pct(o['worst_bucket_vs_griffin'])} | {mb:.2f} |")
+            L += ["", adaptive_verdict(summ), ""]
+    return L
+
+
+def plot_adaptive(a: dict, name: str, path: Path) -> Path:
+    """KL against prompt length, one line per option; a panel per (statistics, variant, keep)."""
+    import matplotlib.pyplot as plt
+
+    from .report import _save
+
+    panels = [(source, key) for source, src in a["sources"].items() for key in src["summary"]]
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, (source, key) in zip(axes.flat, panels):
+        src = a["sources"][source]
+        variant, keep = key.split("@")
+        rows = [r for r in src["rows"] if r["variant"] == variant]
+        x = [r["prompt_tokens_mean"] for r in rows]
+        for opt in src["summary"][key]["options"]:
+            y = [r["results"][f"{opt}@{keep}"]["kl"] for r in rows]
+            new = opt in NEW
+            ax.plot(x, y, marker="o" if new else ".", lw=2 if new else 1, linestyle="-" if new else "--", label=opt)
+        ax.set_xscale("log")
+        ax.set_xlabel("prompt tokens (mean of the bucket)")
+        ax.set_ylabel("KL(dense || sparse)")
+        ax.set_title(f"{source}, {variant}, keep {keep}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{name}: KL against prompt length, held-out prompts")
+    return _save(fig, path)

@@ -1,0 +1,175 @@
+"""The adaptive-selection study (``eval --parts adaptive``): λ by prompt length, per-layer λ and
+per-layer keep (glass_kernels.adaptive) against every single λ, by prompt-length bucket.
+
+Protocol, per model and statistics file:
+
+1. ``fit_selection`` on the tune split (prompts at every length bucket, the template's default);
+2. on the held-out split, per bucket (the prompt as is, then with +64 / +128 / +256 tokens of
+   context prepended) and per chat-template variant (the template's default system prompt, and none,
+   when the template has one), every configuration is scored on the same dense continuations:
+   GRIFFIN (λ 0), single λ 0.25 ... 1, and the adaptive options, at each keep.
+
+For speed, each batch runs its (dense) prompt once: a configuration's sets come from the reference
+pass's prompt statistics through the patch's own selection (``Session.choose``) and only the
+continuation is run per configuration (evaluation.run.continuation_logits). tests/test_adaptive.py
+checks that this gives the sets and logits of running the prompt through the patched model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+
+from .metrics import TokenScores, kl_per_token, nll_per_token, top1_agree
+
+__all__ = ["Option", "study_options", "run_study"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One scored selection rule (GlassConfig fields other than keep)."""
+
+    name: str
+    method: str = "a-glass"
+    lam: float | str = 0.75
+    keep_split: str = "uniform"
+
+    def config(self, keep: float):
+        from ..patch import GlassConfig
+
+        # the separate layout and no decode tuning: a cheap patch per scored batch (they choose how
+        # the rows are stored and read, not which neurons are kept)
+        return GlassConfig(method=self.method, keep=keep, lam=self.lam, keep_split=self.keep_split, tune=False,
+                           layout="separate")
+
+    @property
+    def single_lam(self) -> bool:
+        return self.keep_split == "uniform" and not isinstance(self.lam, str)
+
+
+def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
+    out = [Option("griffin", "griffin", 0.0)]
+    out += [Option(f"lam={x:g}", "a-glass", float(x)) for x in lams if x > 0]
+    out += [Option("length", lam="length"), Option("layer", lam="layer"),
+            Option("length+keep", lam="length", keep_split="fitted"),
+            Option("layer+keep", lam="layer", keep_split="fitted")]
+    return out
+
+
+def _ffn_bytes(model, gcfg, stats) -> int:
+    """FFN weight bytes one decode step reads with this configuration (every layer's kept rows)."""
+    from ..ffn import find_ffn_sites
+    from ..patch.selection import layer_k
+
+    sites = find_ffn_sites(model)
+    k = layer_k(gcfg, sites, stats)
+    elem = next(model.parameters()).element_size()
+    return int(sum(kk * s.handler.row_elems * elem for kk, s in zip(k, sites)))
+
+
+def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, cache_file, fingerprint,
+              progress_cls, log) -> dict:
+    """The study's results dict (see the module docstring); ``gen(ids, n, desc)`` makes/caches the
+    dense continuations, ``stats_by_source``: {"nps": GlobalStats, ...}."""
+    from ..adaptive import fit_selection
+    from ..ffn import find_ffn_sites
+    from ..models import has_default_system_prompt
+    from .data import load_prompts
+    from .run import (_pad_id, continuation_logits, encode_prompts, length_prompts, make_batch, reference_pass,
+                      spread)
+
+    chat = getattr(tok, "chat_template", None) is not None
+    variants = [("template", None)]
+    if chat and has_default_system_prompt(tok):
+        variants.append(("no-system", ""))
+    pad = _pad_id(tok)
+    tune_items, held_items = spread(load_prompts("tune"), settings.adaptive_tune), \
+        spread(load_prompts("heldout"), settings.adaptive_heldout)
+    tune_pool, held_pool = load_prompts("tune"), load_prompts("heldout")
+    options = study_options(settings.adaptive_lams)
+    out = {"buckets": list(settings.adaptive_targets), "keeps": list(settings.adaptive_keeps),
+           "gen_tokens": settings.adaptive_gen_tokens, "variants": [v for v, _ in variants],
+           "tune_prompts": len(tune_items), "heldout_prompts": len(held_items), "sources": {}}
+    for source, stats in stats_by_source.items():
+        t = time.perf_counter()
+        tune_ids = []
+        for target in settings.adaptive_targets:
+            tune_ids += encode_prompts(tok, length_prompts(tune_items, tune_pool, tok, chat, target), chat)
+        fitted = fit_selection(model, tok, stats, prompts=tune_ids, gen_tokens=settings.adaptive_gen_tokens,
+                               batch_size=settings.batch_size, cache_file=cache_file, progress=settings.progress,
+                               log=log)
+        fit = fitted.fit
+        rows = [s.handler.row_elems for s in find_ffn_sites(model)]
+        src = {"fit": {"tau": fit.tau, "layer_tau": fit.layer_tau, "meta": fit.meta,
+                       "layer_keep": {f"{k:g}": [kk / D for kk, D in zip(fit.layer_k(k, stats.D, rows), stats.D)]
+                                      for k in settings.adaptive_keeps}},
+               "stats": {k: stats.meta.get(k) for k in ("source", "num_sequences", "seq_len")}
+               | {"num_tokens": stats.num_tokens}, "rows": []}
+        keeps = settings.adaptive_keeps if source == "nps" else settings.adaptive_keeps[:1]
+        vlist = variants if source == "nps" else variants[:1]
+        src["bytes_per_token"] = {f"{o.name}@{k:g}": _ffn_bytes(model, o.config(k), fitted)
+                                  for o in options for k in keeps}
+        for vname, system in vlist:
+            for target in settings.adaptive_targets:
+                texts = length_prompts(held_items, held_pool, tok, chat, target)
+                ids = encode_prompts(tok, texts, chat, system=system)
+                conts = gen(ids, settings.adaptive_gen_tokens, f"adaptive-{vname}-{target}")
+                scores = {f"{o.name}@{k:g}": TokenScores() for o in options for k in keeps}
+                n_batches = math.ceil(len(ids) / settings.batch_size)
+                bar = progress_cls(n_batches * (len(scores) + 1), f"{name} {source} {vname} +{target}")
+                for s in range(0, len(ids), settings.batch_size):
+                    batch = make_batch(ids[s:s + settings.batch_size], conts[s:s + settings.batch_size], pad)
+                    ref = reference_pass(model, batch, keep_prompt_cache=True)
+                    bar(1)
+                    for o in options:
+                        for k in keeps:
+                            gcfg = o.config(k)
+                            logits = continuation_logits(model, batch, ref, gcfg, fitted)
+                            _add(scores[f"{o.name}@{k:g}"], ref, logits, batch)
+                            bar(1)
+                    del ref
+                bar.close()
+                src["rows"].append({"variant": vname, "context_tokens": target,
+                                    "prompt_tokens_mean": sum(map(len, ids)) / len(ids),
+                                    "results": {key: sc.summary() for key, sc in scores.items()}})
+                log(f"{name} {source} {vname} +{target}: " + ", ".join(
+                    f"{key} {sc.kl:.3f}" for key, sc in scores.items()))
+        src["seconds"] = round(time.perf_counter() - t, 1)
+        src["summary"] = summarize(src, options, keeps)
+        out["sources"][source] = src
+    return out
+
+
+def _add(scores: TokenScores, ref, logits, batch) -> None:
+    B = logits.shape[0]
+    kl = torch.stack([kl_per_token(ref.logits[b], logits[b]) for b in range(B)])
+    nll = torch.stack([nll_per_token(logits[b], batch.targets[b]) for b in range(B)])
+    agree = torch.stack([top1_agree(ref.logits[b], logits[b]) for b in range(B)])
+    scores.add(kl, nll, agree, torch.ones_like(agree))
+
+
+def summarize(src: dict, options, keeps) -> dict:
+    """Per keep and variant: each option's KL averaged over the buckets, the best single λ (in
+    hindsight, on these held-out prompts: the strictest comparison), and each option's change
+    against it, overall and in its worst bucket."""
+    out = {}
+    variants = sorted({r["variant"] for r in src["rows"]})
+    for v in variants:
+        rows = [r for r in src["rows"] if r["variant"] == v]
+        for k in keeps:
+            keyed = {o.name: [r["results"][f"{o.name}@{k:g}"]["kl"] for r in rows] for o in options}
+            mean = {n: sum(x) / len(x) for n, x in keyed.items()}
+            singles = [o.name for o in options if o.single_lam]
+            best_single = min(singles, key=lambda n: mean[n])
+            per = {}
+            for o in options:
+                ratios = [a / b - 1 for a, b in zip(keyed[o.name], keyed[best_single])]
+                vs_griffin = [a / b - 1 for a, b in zip(keyed[o.name], keyed["griffin"])]
+                per[o.name] = {"mean_kl": mean[o.name], "vs_best_single": mean[o.name] / mean[best_single] - 1,
+                               "worst_bucket_vs_best_single": max(ratios),
+                               "worst_bucket_vs_griffin": max(vs_griffin)}
+            out[f"{v}@{k:g}"] = {"best_single": best_single, "options": per}
+    return out
