@@ -353,7 +353,7 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
     meta = {"tau_objective": "KL(dense || sparse) on the fit prompts' continuations, keeps 0.5 and 0.3",
             "tau_kl": {f"{t:g}": v for t, v in kl.mean().items()}, "kl_prompts": kl.sequences,
             "layer_objective": "captured share of the continuation's activation statistic, rescaled to tau",
-            "proxy_tau": proxy_tau, "prompts": len(prompts), "gen_tokens": gen_tokens,
+            "proxy_tau": json_float(proxy_tau), "prompts": len(prompts), "gen_tokens": gen_tokens,
             "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
             "sensitivity_prompts": sum(int(b.ids.shape[0]) for b, _ in refs),
             "sensitivity_keeps": list(SENSITIVITY_KEEPS), "seconds": round(time.perf_counter() - t0, 1)}
@@ -364,6 +364,11 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
 
 # tau candidates scored by KL: GRIFFIN, 8 .. 2048 prompt tokens, global only.
 TAU_KL_GRID = (0.0, 8.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0, math.inf)
+
+
+def json_float(x: float) -> float | str:
+    """x, or "inf" (strict JSON has no infinity; float("inf") reads it back)."""
+    return x if math.isfinite(x) else str(x)
 
 
 def _spread_picks(n: int, want: int) -> set[int]:

@@ -201,3 +201,37 @@ def test_verdict_claims_only_what_the_standard_errors_support():
     assert "A-GLASS beats GRIFFIN" in v
     assert "I-GLASS is within the standard errors of GRIFFIN" in v
     assert "no evidence that aggregation adds over the global prior" in v
+
+
+def _adaptive(gain):
+    """Fake adaptive-study results: every option's KL per bucket; layer+keep ``gain`` below lam=0.5."""
+    from glass_kernels.evaluation.adaptive_study import study_options, summarize
+
+    options = study_options()
+    base = {"griffin": 2.0, "lam=0.25": 1.6, "lam=0.5": 1.5, "lam=0.75": 1.55, "lam=1": 1.7, "length": 1.45,
+            "layer": 1.44, "length+keep": 1.4, "layer+keep": 1.5 * (1 - gain)}
+    rows = [{"variant": "template", "context_tokens": c, "prompt_tokens_mean": 40 + c,
+             "results": {f"{o.name}@0.5": {"kl": base[o.name] * f, "kl_sem": 0.01} for o in options}}
+            for c, f in ((0, 1.0), (64, 0.8))]
+    src = {"fit": {"tau": 128.0, "layer_tau": [100.0, 200.0], "meta": {"seconds": 1.0}}, "stats": {},
+           "rows": rows, "bytes_per_token": {f"{o.name}@0.5": 2 ** 20 for o in options}}
+    src["summary"] = summarize(src, options, [0.5])
+    return {"buckets": [0, 64], "keeps": [0.5], "gen_tokens": 8, "variants": ["template"], "tune_prompts": 2,
+            "heldout_prompts": 2, "sources": {"nps": src}}
+
+
+def test_adaptive_section_table_verdict_and_plot(tmp_path):
+    res = fake_results()
+    res["adaptive"] = _adaptive(0.2)
+    paths = REP.write_report(res, tmp_path)
+    assert "adaptive_length.png" in {p.name for p in paths}
+    md = (tmp_path / "report.md").read_text()
+    assert "## Adaptive selection" in md
+    # lam=0.5 is the best single lambda (1.5 and 1.2 over the buckets); layer+keep is 20% below in both
+    assert "| lam=0.5 (best single) | 1.500 | 1.200 | 1.350 | +0.0% |" in md
+    assert "best new option layer+keep: -20.0% mean KL vs the best single lambda (lam=0.5)" in md
+    assert "meets the bar" in md
+    s = _adaptive(0.05)["sources"]["nps"]["summary"]["template@0.5"]
+    from glass_kernels.evaluation.adaptive_report import adaptive_verdict
+
+    assert "does not meet the bar" in adaptive_verdict(s)  # length+keep at -6.7%: short of -10%

@@ -23,6 +23,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _lam(tau: float, n: int) -> float:
+    return 1.0 if math.isinf(tau) else tau / (tau + n)
+
+
 def adaptive_verdict(summary: dict) -> str:
     """One line per (variant, keep): the best new option against the best single lambda."""
     best_new = min(NEW, key=lambda n: summary["options"][n]["mean_kl"])
@@ -34,7 +38,17 @@ def adaptive_verdict(summary: dict) -> str:
             f"{_pct(WORST_BUCKET)})")
 
 
-def adaptive_markdown(a: dict) -> list[str]:
+def headroom(src: dict, variant: str, keep: str) -> float:
+    """How much any lambda schedule by prompt length could gain here: the mean over the buckets of
+    each bucket's best single lambda, against the best single lambda over all buckets (<= 0)."""
+    rows = [r for r in src["rows"] if r["variant"] == variant]
+    singles = [n for n in src["summary"][f"{variant}@{keep}"]["options"] if n == "griffin" or n.startswith("lam=")]
+    per_bucket = [min(r["results"][f"{n}@{keep}"]["kl"] for n in singles) for r in rows]
+    best = src["summary"][f"{variant}@{keep}"]["options"][src["summary"][f"{variant}@{keep}"]["best_single"]]
+    return (sum(per_bucket) / len(per_bucket)) / best["mean_kl"] - 1
+
+
+def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
     L = [f"## Adaptive selection (held-out, {a['heldout_prompts']} prompts per bucket, {a['gen_tokens']}-token "
          "continuations)", "",
          "Fitted on the tune split only (`fit_selection`: "
@@ -44,14 +58,15 @@ def adaptive_markdown(a: dict) -> list[str]:
          "per token). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
          "chosen in hindsight on these held-out prompts (the strictest comparison). Variants: template = the "
          "chat template as shipped; no-system = an empty system turn instead of the template's default "
-         "system prompt.", ""]
+         "system prompt." + ("" if chat_template else " This model has no chat template: its prompts are the raw "
+                              "text, so there is one variant (named template)."), ""]
     for source, src in a["sources"].items():
         fit, st = src["fit"], src["stats"]
+        tau = float(fit["tau"])  # "inf" in JSON for the global-only end
         L += [f"### Statistics: {source} ({st.get('num_sequences')} x {st.get('seq_len')} tokens NPS, "
               f"{st.get('num_tokens')} tokens)", "",
-              f"Fitted tau {fit['tau']:g} (lambda {fit['tau'] / (fit['tau'] + 40):.2f} at 40 prompt tokens, "
-              f"{fit['tau'] / (fit['tau'] + 300):.2f} at 300); per layer: "
-              + ", ".join(f"{t:.0f}" for t in fit["layer_tau"]) + f". Fit time {fit['meta'].get('seconds')} s.", ""]
+              f"Fitted tau {tau:g} (lambda {_lam(tau, 40):.2f} at 40 prompt tokens, {_lam(tau, 300):.2f} at 300); "
+              "per layer: " + ", ".join(f"{float(t):.0f}" for t in fit["layer_tau"]) + f". Fit time {fit['meta'].get('seconds')} s.", ""]
         for key, summ in src["summary"].items():
             variant, keep = key.split("@")
             rows = [r for r in src["rows"] if r["variant"] == variant]
@@ -66,7 +81,8 @@ def adaptive_markdown(a: dict) -> list[str]:
                 L.append(f"| {name}{mark} | " + " | ".join(cells) + f" | {_f(o['mean_kl'])} | "
                          f"{_pct(o['vs_best_single'])} | {_pct(o['worst_bucket_vs_best_single'])} | "
                          f"{_pct(o['worst_bucket_vs_griffin'])} | {mb:.2f} |")
-            L += ["", adaptive_verdict(summ), ""]
+            L += ["", adaptive_verdict(summ) + f"; the best single lambda of each bucket would give "
+                  f"{_pct(headroom(src, variant, keep))} (the most any lambda-by-length rule can gain here)", ""]
     return L
 
 
@@ -90,6 +106,9 @@ def plot_adaptive(a: dict, name: str, path: Path) -> Path:
             new = opt in NEW
             ax.plot(x, y, marker="o" if new else ".", lw=2 if new else 1, linestyle="-" if new else "--", label=opt)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{v:.0f}" for v in x])
         ax.set_xlabel("prompt tokens (mean of the bucket)")
         ax.set_ylabel("KL(dense || sparse)")
         ax.set_title(f"{source}, {variant}, keep {keep}", fontsize=9)

@@ -74,7 +74,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
               progress_cls, log) -> dict:
     """The study's results dict (see the module docstring); ``gen(ids, n, desc)`` makes/caches the
     dense continuations, ``stats_by_source``: {"nps": GlobalStats, ...}."""
-    from ..adaptive import fit_selection
+    from ..adaptive import fit_selection, json_float
     from ..ffn import find_ffn_sites
     from ..models import has_default_system_prompt
     from .data import load_prompts
@@ -103,7 +103,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                                log=log)
         fit = fitted.fit
         rows = [s.handler.row_elems for s in find_ffn_sites(model)]
-        src = {"fit": {"tau": fit.tau, "layer_tau": fit.layer_tau, "meta": fit.meta,
+        src = {"fit": {"tau": json_float(fit.tau), "layer_tau": [json_float(t) for t in fit.layer_tau], "meta": fit.meta,
                        "layer_keep": {f"{k:g}": [kk / D for kk, D in zip(fit.layer_k(k, stats.D, rows), stats.D)]
                                       for k in settings.adaptive_keeps}},
                "stats": {k: stats.meta.get(k) for k in ("source", "num_sequences", "seq_len")}

@@ -212,7 +212,7 @@ def markdown_report(res: dict, command: str | None = None) -> str:
     if a:
         from .adaptive_report import adaptive_markdown
 
-        L += adaptive_markdown(a)
+        L += adaptive_markdown(a, bool(res.get("chat_template")))
     t = res.get("timing", {})
     if t:
         L += ["## Run time", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
