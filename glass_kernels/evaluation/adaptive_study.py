@@ -116,7 +116,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
             for target in settings.adaptive_targets:
                 texts = length_prompts(held_items, held_pool, tok, chat, target)
                 ids = encode_prompts(tok, texts, chat, system=system)
-                conts = gen(ids, settings.adaptive_gen_tokens, f"adaptive-{vname}-{target}")
+                conts = gen(ids, settings.adaptive_gen_tokens, f"adaptive-{source}-{vname}-{target}")
                 scores = {f"{o.name}@{k:g}": TokenScores() for o in options for k in keeps}
                 n_batches = math.ceil(len(ids) / settings.batch_size)
                 bar = progress_cls(n_batches * (len(scores) + 1), f"{name} {source} {vname} +{target}")
