@@ -271,3 +271,26 @@ def test_one_prompt_pass_scoring_matches_the_patched_model(model, fitted, cfg):
         gk.unpatch(model)
     assert all(torch.equal(a, u) for a, u in zip(sets, user))
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", [dict(weights="int8"), dict(strategy="compact"), dict(method="i-glass")])
+def test_fitted_keep_with_other_options(model, fitted, extra):
+    """Per-layer k goes through every decode path: quantized rows, compacted copies, I-GLASS."""
+    cfg = gk.GlassConfig(**{"lam": "layer", "keep": 0.4, "keep_split": "fitted", **extra})
+    ids = torch.tensor([_prompts()[5]])
+    if cfg.weights:  # quantized rows need d % 32 == 0
+        import tiny_models
+
+        model = build("llama", seed=3, **tiny_models.width_overrides("llama", 64))
+        fitted = gk.fit_selection(model, _Tok(), random_stats(model), prompts=_prompts(), gen_tokens=6,
+                                  batch_size=4, sensitivity_prompts=4, progress=False)
+    gk.patch(model, cfg, stats=fitted)
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        sess = gk.session(model)
+        assert [t.shape[-1] for t in sess.neurons()] == sess.k
+        assert sess.counters()["sparse"] == 4
+    finally:
+        gk.unpatch(model)
+    assert out.shape == (1, ids.shape[1] + 5)
