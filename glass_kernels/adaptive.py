@@ -19,10 +19,13 @@ A :class:`SelectionFit`, stored in the statistics file beside the global statist
 How the fit is made (:func:`fit_selection`): prompts (by default the evaluation's tune split, at four
 prompt lengths) are continued greedily by the dense model. For each prompt and layer, the *oracle*
 statistic (the same activation statistic over the continuation) says which neurons the continuation
-uses; a rule is scored by the share of the oracle's mass its set captures (:func:`captured_mass`).
-τ and τ_l maximise that share over a grid; each layer's loss curve is that share's complement scaled
-by a measured KL: the model's output with only that layer sparse, at two keeps (TEAL-style
-per-layer sensitivity). Nothing here is tuned on held-out prompts.
+uses, and a rule's set can be scored by the share of the oracle's mass it captures
+(:func:`captured_mass`, a proxy that needs no forward pass). τ is the grid value with the lowest
+KL(dense ‖ sparse) on the continuations; the proxy only ranks the layers (τ_l = τ x the layer's
+proxy optimum / the all-layer proxy optimum); each layer's loss curve is the proxy's complement
+scaled to a measured KL: the model's output with only that layer sparse, at two keeps (TEAL-style
+per-layer sensitivity). Nothing here is tuned on held-out prompts. What the options gave on the
+real models: README, "Adaptive selection" (they stay opt-in).
 """
 
 from __future__ import annotations
