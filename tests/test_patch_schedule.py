@@ -252,6 +252,32 @@ def test_set_neurons_and_new_sequence():
         s.set_neurons([torch.zeros(4)] * tm.LAYERS)
 
 
+def test_set_neurons_before_any_prompt_takes_the_batch_from_any_layer():
+    """Sets forced on a fresh patch: a shared [1, k] set in the first layer does not make the batch 1
+    (which would repeat the other layers' [B, k] sets B times); mixed row counts are refused."""
+    model = tm.build("llama")
+    ids, nxt = _ids(16, 3, 5), _ids(17, 3, 2)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    g = torch.Generator().manual_seed(1)
+    per_row = [torch.stack([torch.randperm(tm.D_FF, generator=g)[:20].sort().values for _ in range(3)])
+               for _ in range(tm.LAYERS - 1)]
+    forced = [torch.arange(tm.D_FF)[None]] + per_row
+    patch(model, method="griffin", keep=0.5)
+    s = session(model)
+    s.set_neurons(forced)
+    with torch.no_grad():
+        model(nxt, **cache_kwargs(model, output_cache(out)))
+    assert [t.shape[0] for t in s.neurons()] == [1] + [3] * (tm.LAYERS - 1)
+    unpatch(model)
+    patch(model, method="griffin", keep=0.5)
+    s = session(model)
+    with pytest.raises(ValueError, match="row counts"):
+        s.set_neurons([torch.zeros(2, 4, dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32)]
+                      + [torch.zeros(1, 4, dtype=torch.int32)] * (tm.LAYERS - 2))
+    unpatch(model)
+
+
 def test_forward_without_cache_is_dense_and_reset():
     model = tm.build("qwen2")
     ids = _ids(18, 2, 6)

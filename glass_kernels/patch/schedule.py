@@ -426,11 +426,15 @@ class GlassState:
                     f"sets[{l}] has {s.shape[0]} rows but the current sequences have batch {self.seq_batch}"
                 )
             out.append(s.to(device=self._device(l), dtype=torch.int32).contiguous())
+        rows = {s.shape[0] for s in out} - {1}  # per-sequence row counts; 1 = shared by every row
+        if len(rows) > 1:
+            raise ValueError(f"sets have different row counts {sorted(rows)}: each must have 1 or B rows")
         self.neurons = out
         self.forced = True
         self._sequence_thread = None  # forced sets may be decoded from any thread
         if not self.seq_batch:
-            self.seq_batch = out[0].shape[0]
+            # the batch is the per-sequence sets' row count, whichever layer has them (any set may be shared)
+            self.seq_batch = rows.pop() if rows else 1
         self.phase = "decode"
         self._prepare()
 
