@@ -369,7 +369,9 @@ def run_generate(args, loader: Loader, out=sys.stdout) -> int:
     model, tok = loader(args.model, _DTYPES[args.dtype])
     if args.method != "dense":
         stats = None
-        if args.method in ("a-glass", "i-glass", "global"):
+        # the global methods read the statistics; the adaptive options read the fit stored with them
+        if args.method in ("a-glass", "i-glass", "global") or isinstance(args.lam, str) \
+                or args.keep_split == "fitted":
             if args.stats:
                 from .stats import GlobalStats
 
@@ -380,9 +382,6 @@ def run_generate(args, loader: Loader, out=sys.stdout) -> int:
         kw = {} if args.lam is None else {"lam": args.lam}
         if args.keep_split is not None:
             kw["keep_split"] = args.keep_split
-        if stats is None and (isinstance(args.lam, str) or args.keep_split == "fitted"):
-            stats, _ = _cached_or_calibrated_stats(model, tok, args.model, progress=not args.no_progress,
-                                                   out=sys.stderr)
         patch(model, stats=stats, method=args.method, keep=args.keep, **kw)
     ids = _encode(tok, args.prompt, _use_chat(tok, args.chat))
     sample = None
@@ -454,7 +453,7 @@ def run_calibrate(args, loader: Loader, out=sys.stdout) -> int:
 
 
 def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
-    from .adaptive import fit_prompts, fit_selection
+    from .adaptive import fit_prompts, fit_selection, lam_of_length
 
     texts = None
     if prompts_file:
@@ -466,7 +465,8 @@ def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
     prompts = [p for _, p in fit_prompts(tok, chat, texts=texts)]
     stats = fit_selection(model, tok, stats, prompts=prompts, progress=progress)
     f = stats.fit
-    print(f"selection fit: tau {f.tau:g} (lambda {f.tau / (f.tau + 40):.2f} at 40 prompt tokens); per-layer tau "
+    lam40 = float(lam_of_length(f.tau, torch.tensor([40]))[0])
+    print(f"selection fit: tau {f.tau:g} (lambda {lam40:.2f} at 40 prompt tokens); per-layer tau "
           f"{[round(t) for t in f.layer_tau]}", file=out)
     return stats
 

@@ -198,6 +198,10 @@ def test_calibrate_fit_then_generate_adaptive(tmp_path):
     rc, g = run(["generate", "hi", "--model", "tiny", "--stats", str(outp), "--lam", "layer", "--keep-split",
                  "fitted", "--max-new-tokens", "3"])
     assert rc == 0 and len(g.strip()) == 3
+    # a method without global statistics still reads the fit from --stats (not from the cache)
+    rc, g = run(["generate", "hi", "--model", "tiny", "--method", "griffin", "--stats", str(outp), "--keep-split",
+                 "fitted", "--max-new-tokens", "3"])
+    assert rc == 0 and len(g.strip()) == 3
     # refitting an existing file; --stats without --fit is refused
     rc, out = run(["calibrate", "--model", "tiny", "--stats", str(outp), "--fit", "--fit-prompts", str(prompts),
                    "--no-progress"])
