@@ -39,6 +39,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .patch.config import kept_neurons
+from .patch.selection import select_per_row
+from .stats import stat_ranks
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SelectionFit", "FitSample", "lam_of_length", "captured_mass", "fit_tau", "fit_selection",
@@ -118,7 +122,7 @@ class SelectionFit:
         least 1 neuron) in every layer, and never beyond D_l."""
         if len(D) != self.num_layers or len(row_elems) != self.num_layers:
             raise ValueError(f"this fit has {self.num_layers} layers, the model {len(D)}")
-        uniform = [max(1, min(d, int(math.floor(keep * d + 1e-9)))) for d in D]
+        uniform = [kept_neurons(keep, d) for d in D]
         budget = sum(k * r for k, r in zip(uniform, row_elems))
         k = [max(1, min(u, int(math.floor(0.25 * keep * d)))) for u, d in zip(uniform, D)]
         spent = sum(kk * r for kk, r in zip(k, row_elems))
@@ -173,19 +177,11 @@ class FitSample:
     oracle: list[torch.Tensor]
 
 
-def _ranks(stat: torch.Tensor) -> torch.Tensor:
-    """1 = largest; ties -> lower index (the library's rank convention)."""
-    order = torch.sort(stat, descending=True, stable=True).indices
-    r = torch.empty(stat.numel(), dtype=torch.float64)
-    r[order] = torch.arange(1, stat.numel() + 1, dtype=torch.float64)
-    return r
-
-
 def _mass_curves(local: torch.Tensor, global_rank: torch.Tensor, oracle: torch.Tensor,
                  lams: torch.Tensor) -> torch.Tensor:
     """[len(lams), D]: for each λ, the captured oracle share of the best 1..D neurons by aggregate
     (the same order select_neurons uses: aggregate, then local rank, then index)."""
-    rl = _ranks(local)
+    rl = stat_ranks(local).to(torch.float64)
     rg = global_rank.to(torch.float64)
     D = rl.numel()
     agg = lams[:, None] * rg[None, :] + (1 - lams[:, None]) * rl[None, :]
@@ -216,8 +212,7 @@ def fit_tau(samples: Sequence[FitSample], global_ranks: Sequence[torch.Tensor], 
             curves = _mass_curves(s.prompt[l], global_ranks[l], s.oracle[l], lams)
             D = curves.shape[1]
             for keep in keeps:
-                k = max(1, min(D, int(math.floor(keep * D + 1e-9))))
-                score[l] += curves[:, k - 1]
+                score[l] += curves[:, kept_neurons(keep, D) - 1]
     score /= max(1, len(samples) * len(keeps))
     return score, list(tau_grid)
 
@@ -232,7 +227,7 @@ def mean_mass_by_keep(samples: Sequence[FitSample], global_ranks: Sequence[torch
             lam = lam_of_length(layer_tau[l], torch.tensor([float(s.n_tokens)]))
             curve = _mass_curves(s.prompt[l], global_ranks[l], s.oracle[l], lam)[0]
             D = curve.numel()
-            idx = torch.tensor([max(1, min(D, int(math.floor(g * D + 1e-9)))) - 1 for g in keep_grid])
+            idx = torch.tensor([kept_neurons(g, D) - 1 for g in keep_grid])
             out[l] += curve[idx]
     return out / max(1, len(samples))
 
@@ -401,19 +396,20 @@ def _aggregate_sets(ref, ranks, D: Sequence[int], lam: Callable[[int], torch.Ten
                     only: int | None = None) -> list[torch.Tensor]:
     """Per layer [B, k] A-GLASS sets at per-row lambda ``lam(layer)`` from the reference's prompt
     statistics; with ``only``, every other layer keeps all its neurons (it then runs dense)."""
-    from . import ops
-
-    B = ref.prompt_stat[0].shape[0]
     out = []
     for l, d in enumerate(D):
         if only is not None and l != only:
-            out.append(torch.arange(d, dtype=torch.int32).expand(B, d).contiguous())
+            out.append(torch.arange(d, dtype=torch.int32)[None])  # one set shared by every row
             continue
-        k = max(1, int(math.floor(keep * d + 1e-9)))
-        lams = lam(l)
-        out.append(torch.cat([ops.select_neurons(ref.prompt_stat[l][b:b + 1].contiguous(), ranks[l],
-                                                 float(lams[b]), k) for b in range(B)]).to(torch.int32))
+        out.append(select_per_row(ref.prompt_stat[l], ranks[l], lam(l), kept_neurons(keep, d)).to(torch.int32))
     return out
+
+
+def _kl_sum(ref, logits: torch.Tensor) -> float:
+    """Sum over the batch's scored tokens of KL(dense || these logits)."""
+    from .evaluation.metrics import kl_per_token
+
+    return float(sum(kl_per_token(ref.logits[b], logits[b]).sum() for b in range(logits.shape[0])))
 
 
 class _KLScores:
@@ -426,7 +422,6 @@ class _KLScores:
         self.sequences = 0
 
     def score(self, model, batch, ref, ranks, D) -> None:
-        from .evaluation.metrics import kl_per_token
         from .evaluation.run import continuation_logits
 
         n = batch.mask.sum(1)
@@ -435,8 +430,7 @@ class _KLScores:
                 lam = lam_of_length(tau, n)
                 sets = _aggregate_sets(ref, ranks, D, lambda l: lam, keep)
                 logits = continuation_logits(model, batch, ref, _fit_config(keep), None, sets)
-                self.sums[(tau, keep)] += float(sum(kl_per_token(ref.logits[b], logits[b]).sum()
-                                                    for b in range(logits.shape[0])))
+                self.sums[(tau, keep)] += _kl_sum(ref, logits)
         self.tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
         self.sequences += int(ref.logits.shape[0])
 
@@ -452,7 +446,6 @@ class _KLScores:
 
 def _layer_sensitivity(model, stats, refs, layer_tau, progress) -> dict[float, torch.Tensor]:
     """keep -> [L] mean KL per token of the output with only layer l sparse (A-GLASS, lambda_l(n))."""
-    from .evaluation.metrics import kl_per_token
     from .evaluation.run import continuation_logits
 
     L = stats.num_layers
@@ -467,7 +460,7 @@ def _layer_sensitivity(model, stats, refs, layer_tau, progress) -> dict[float, t
                 sets = _aggregate_sets(ref, ranks, stats.D, lambda layer: lam_of_length(layer_tau[layer], n), keep,
                                        only=l)
                 logits = continuation_logits(model, batch, ref, _fit_config(keep), None, sets)
-                out[keep][l] += float(sum(kl_per_token(ref.logits[b], logits[b]).sum() for b in range(logits.shape[0])))
+                out[keep][l] += _kl_sum(ref, logits)
                 if bar is not None:
                     bar.update(1)
         tokens += int(ref.logits.shape[0] * ref.logits.shape[1])

@@ -286,14 +286,7 @@ class GlobalStats:
 
     def ranks(self, kind: str) -> list[torch.Tensor]:
         """Per-layer int32 [D] ranks: 1 = most important (largest statistic), ties -> lower index."""
-        out = []
-        for s in self.sums(kind):
-            # Stable descending sort keeps equal values in index order: the lower index ranks better.
-            order = torch.sort(s, descending=True, stable=True).indices
-            r = torch.empty(s.numel(), dtype=torch.int32)
-            r[order] = torch.arange(1, s.numel() + 1, dtype=torch.int32)
-            out.append(r)
-        return out
+        return [stat_ranks(s) for s in self.sums(kind)]
 
     def __repr__(self) -> str:
         return (
@@ -469,6 +462,15 @@ class GlobalStats:
         if model is not None:
             stats.check_model(model)
         return stats
+
+
+def stat_ranks(stat: torch.Tensor) -> torch.Tensor:
+    """int32 [D] ranks of a [D] statistic: 1 = largest; ties -> lower index (the library's convention)."""
+    # Stable descending sort keeps equal values in index order: the lower index ranks better.
+    order = torch.sort(stat, descending=True, stable=True).indices
+    r = torch.empty(stat.numel(), dtype=torch.int32)
+    r[order] = torch.arange(1, stat.numel() + 1, dtype=torch.int32)
+    return r
 
 
 def _checksum(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:

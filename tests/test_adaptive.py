@@ -9,7 +9,7 @@ import torch
 import glass_kernels as gk
 from glass_kernels import adaptive as A
 from glass_kernels.evaluation import run as R
-from glass_kernels.stats import StatsFileError, StatsMismatchError
+from glass_kernels.stats import StatsFileError, StatsMismatchError, stat_ranks
 from tiny_models import build, random_stats
 
 pytest.importorskip("transformers")
@@ -71,7 +71,7 @@ def test_fit_tau_prefers_the_informative_ranking():
     g = torch.Generator().manual_seed(0)
     D, L = 64, 2
     glob = [torch.rand(D, generator=g) for _ in range(L)]
-    ranks = [A._ranks(s).to(torch.int32) for s in glob]
+    ranks = [stat_ranks(s) for s in glob]
     samples = []
     for _ in range(6):
         local = [torch.rand(D, generator=g) for _ in range(L)]

@@ -59,12 +59,10 @@ def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
     return out
 
 
-def _ffn_bytes(model, gcfg, stats) -> int:
+def _ffn_bytes(model, sites, gcfg, stats) -> int:
     """FFN weight bytes one decode step reads with this configuration (every layer's kept rows)."""
-    from ..ffn import find_ffn_sites
     from ..patch.selection import layer_k
 
-    sites = find_ffn_sites(model)
     k = layer_k(gcfg, sites, stats)
     elem = next(model.parameters()).element_size()
     return int(sum(kk * s.handler.row_elems * elem for kk, s in zip(k, sites)))
@@ -82,6 +80,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                       spread)
 
     chat = getattr(tok, "chat_template", None) is not None
+    sites = find_ffn_sites(model)
     variants = [("template", None)]
     if chat and has_default_system_prompt(tok):
         variants.append(("no-system", ""))
@@ -102,7 +101,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                                batch_size=settings.batch_size, cache_file=cache_file, progress=settings.progress,
                                log=log)
         fit = fitted.fit
-        rows = [s.handler.row_elems for s in find_ffn_sites(model)]
+        rows = [s.handler.row_elems for s in sites]
         src = {"fit": {"tau": json_float(fit.tau), "layer_tau": [json_float(t) for t in fit.layer_tau], "meta": fit.meta,
                        "layer_keep": {f"{k:g}": [kk / D for kk, D in zip(fit.layer_k(k, stats.D, rows), stats.D)]
                                       for k in settings.adaptive_keeps}},
@@ -110,7 +109,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                | {"num_tokens": stats.num_tokens}, "rows": []}
         keeps = settings.adaptive_keeps if source == "nps" else settings.adaptive_keeps[:1]
         vlist = variants if source == "nps" else variants[:1]
-        src["bytes_per_token"] = {f"{o.name}@{k:g}": _ffn_bytes(model, o.config(k), fitted)
+        src["bytes_per_token"] = {f"{o.name}@{k:g}": _ffn_bytes(model, sites, o.config(k), fitted)
                                   for o in options for k in keeps}
         for vname, system in vlist:
             for target in settings.adaptive_targets:

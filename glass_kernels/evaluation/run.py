@@ -388,42 +388,35 @@ class _Progress:
 
 def _get_stats(model, tok, name: str, settings: EvalSettings, progress: bool) -> dict:
     """NPS stats (shared with the CLI's cache) and text stats (pydoc topics), calibrated once."""
+    return {"nps": _cached_stats(model, tok, name, "nps", settings.nps_sequences, settings.stats_seq_len, progress),
+            "text": _cached_stats(model, tok, name, "text", settings.text_sequences, settings.stats_seq_len,
+                                  progress)}
+
+
+def _small_stats(model, tok, name: str, settings: EvalSettings):
+    """NPS statistics of the size a quick user calibration makes (settings.adaptive_small_stats)."""
+    n, seq_len = settings.adaptive_small_stats
+    return _cached_stats(model, tok, name, "nps", n, seq_len, settings.progress)
+
+
+def _cached_stats(model, tok, name: str, source: str, n: int | None, seq_len: int, progress: bool):
+    """``source`` ("nps" or "text": the pydoc topics) statistics of n x seq_len tokens, from the CLI's
+    cache, else calibrated once and cached."""
     from ..calibrate import calibrate
     from ..cli import stats_cache_path
     from ..stats import GlobalStats
     from .data import text_corpus
 
-    out = {}
-    for source in ("nps", "text"):
-        n = settings.nps_sequences if source == "nps" else settings.text_sequences
-        path = stats_cache_path(model, name, "nps" if source == "nps" else "pydoc", n, settings.stats_seq_len)
-        if path.exists():
-            out[source] = GlobalStats.load(path, model=model)
-            continue
-        t0 = time.perf_counter()
-        src = "nps" if source == "nps" else text_corpus()
-        out[source] = calibrate(model, tok, src, num_sequences=n, seq_len=settings.stats_seq_len,
-                                progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out[source].save(path)
-        logger.info("calibrated %s stats for %s in %.1f s -> %s", source, name, time.perf_counter() - t0, path)
-    return out
-
-
-def _small_stats(model, tok, name: str, settings: EvalSettings):
-    """NPS statistics of the size a quick user calibration makes (settings.adaptive_small_stats)."""
-    from ..calibrate import calibrate
-    from ..cli import stats_cache_path
-    from ..stats import GlobalStats
-
-    n, seq_len = settings.adaptive_small_stats
-    path = stats_cache_path(model, name, "nps", n, seq_len)
+    path = stats_cache_path(model, name, "nps" if source == "nps" else "pydoc", n, seq_len)
     if path.exists():
         return GlobalStats.load(path, model=model)
-    s = calibrate(model, tok, "nps", num_sequences=n, seq_len=seq_len, progress=settings.progress)
+    t0 = time.perf_counter()
+    stats = calibrate(model, tok, "nps" if source == "nps" else text_corpus(), num_sequences=n, seq_len=seq_len,
+                      progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    s.save(path)
-    return s
+    stats.save(path)
+    logger.info("calibrated %s stats for %s in %.1f s -> %s", source, name, time.perf_counter() - t0, path)
+    return stats
 
 
 def _run_configs(model, prompt_ids, conts, configs: list[Config], stats, settings, pad, bar,

@@ -25,6 +25,12 @@ NEEDS_LOCAL = frozenset({"a-glass", "i-glass", "griffin"})
 DEFAULT_LAMBDA = 0.75
 
 
+def kept_neurons(keep: float, D: int) -> int:
+    """Neurons a layer of D keeps at fraction ``keep``: max(1, floor(keep * D)), at most D."""
+    # A tiny epsilon so that e.g. keep = 0.7, D = 10 gives 7, not 6 (0.7 * 10 = 6.999...).
+    return max(1, min(D, int(math.floor(keep * D + 1e-9))))
+
+
 @dataclasses.dataclass(frozen=True)
 class GlassConfig:
     """How a patched model chooses and uses its FFN neurons.
@@ -133,8 +139,7 @@ class GlassConfig:
 
     def k_for(self, D: int) -> int:
         """Neurons kept in a layer of D neurons: max(1, floor(keep * D))."""
-        # A tiny epsilon so that e.g. keep = 0.7, D = 10 gives 7, not 6 (0.7 * 10 = 6.999...).
-        return max(1, min(D, int(math.floor(self.keep * D + 1e-9))))
+        return kept_neurons(self.keep, D)
 
     def replace(self, **overrides) -> "GlassConfig":
         """A copy with some fields changed (unknown names -> TypeError naming them)."""

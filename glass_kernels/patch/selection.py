@@ -110,9 +110,8 @@ class RankAggregation(Selection):
             if isinstance(self.lam, str):
                 if tokens is None:
                     raise ValueError(f"lam={self.lam!r} needs the prompt's token counts")
-                lams = self.fit.lam(tokens.cpu(), l if self.lam == "layer" else None)
-                idx = torch.cat([_ops().select_neurons(rows[r:r + 1], ranks, float(lams[r]), self.k[l])
-                                 for r in range(rows.shape[0])])
+                idx = select_per_row(rows, ranks, self.fit.lam(tokens.cpu(), l if self.lam == "layer" else None),
+                                     self.k[l])
             else:
                 idx = _ops().select_neurons(rows, ranks, self.lam, self.k[l])
             out.append(idx.to(torch.int32).contiguous())
@@ -120,6 +119,12 @@ class RankAggregation(Selection):
 
     def nbytes(self):
         return {"global_ranks": sum(t.numel() * t.element_size() for t in self.global_ranks or [])}
+
+
+def select_per_row(rows: torch.Tensor, ranks: torch.Tensor, lams: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] rank aggregation of each row of local statistics [R, D] at its own lambda (lams [R])."""
+    return torch.cat([_ops().select_neurons(rows[r:r + 1].contiguous(), ranks, float(lams[r]), k)
+                      for r in range(rows.shape[0])])
 
 
 def make_selection(config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[int], stats) -> Selection:
@@ -138,7 +143,7 @@ def make_selection(config: GlassConfig, sites: Sequence[FFNSite], k: Sequence[in
 def layer_k(config: GlassConfig, sites: Sequence[FFNSite], stats) -> list[int]:
     """Neurons kept per layer: k = floor(keep * D) everywhere, or (keep_split="fitted") the fit's
     allocation of the same weight bytes (glass_kernels.adaptive.SelectionFit.layer_k)."""
-    if config.keep_split == "fitted" and config.method not in ("dense",):
+    if config.keep_split == "fitted":
         fit = stats.require_fit("keep_split=\"fitted\"")
         return fit.layer_k(config.keep, [s.D for s in sites], [s.handler.row_elems for s in sites])
     return [config.k_for(s.D) for s in sites]
