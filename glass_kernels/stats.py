@@ -126,25 +126,35 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     W_down given by the handler), ``samples`` are the per-layer fingerprint samples.
     """
     sites = _ffn_sites(model)
-    ds, Ds, samples, shapes = [], [], [], []
-    for site in sites:
-        w = site.handler.down_weight(site.module)
+    downs = [site.handler.down_weight(site.module) for site in sites]
+    for site, w in zip(sites, downs):
         if w.dim() != 2:
             raise ValueError(f"handler.down_weight of {site.name} must be 2-D [d, D], got {tuple(w.shape)}")
+    arch = _architecture(model)
+    return signature_of_ffn(arch["architecture"], arch["model_type"], downs)
+
+
+def signature_of_ffn(architecture: str, model_type: str, down_weights: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """``model_signature`` from what identifies a model without its transformers module: the class
+    name (e.g. "LlamaForCausalLM"), the config's model_type and every FFN layer's W_down as the
+    logical [d, D] matrix (any storage: a transposed view samples the same values). Another stack
+    serving the same checkpoint (the vLLM plugin) checks statistics with it."""
+    ds, Ds, samples, shapes = [], [], [], []
+    for w in down_weights:
         d, D = int(w.shape[0]), int(w.shape[1])
         ds.append(d)
         Ds.append(D)
         shapes.append((d, D))
         samples.append(_strided_sample(w))
-    sig = _architecture(model)
-    sig.update(
-        num_layers=len(sites),
-        d=ds,
-        D=Ds,
-        fingerprint=_sample_hash(samples, shapes),
-        samples=samples,
-    )
-    return sig
+    return {
+        "architecture": architecture,
+        "model_type": model_type,
+        "num_layers": len(ds),
+        "d": ds,
+        "D": Ds,
+        "fingerprint": _sample_hash(samples, shapes),
+        "samples": samples,
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -310,6 +310,23 @@ def _layout_mode(sites, layout: str) -> str:
     return layout
 
 
+def _cached_entry(doc: dict, key: str, layout: str) -> DecodeTuning | None:
+    entry = doc.get("entries", {}).get(key)
+    if not entry or entry.get("isa") not in set(_ext().supported_isas()):
+        return None
+    return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
+                        "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)),
+                        entry.get("layout", layout))
+
+
+def cached(dtype: torch.dtype, d: int, layout: str = "separate") -> DecodeTuning | None:
+    """The setting cached on this CPU for rows of ``dtype`` and width ``d`` in ``layout`` at torch's
+    thread count (None if nothing is cached). For servers that lay the weights out themselves."""
+    if not _ext().available():
+        return None
+    return _cached_entry(_load_cache(cache_file()), _key(dtype, d, torch.get_num_threads(), layout), layout)
+
+
 def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force: bool = False,
                      layout: str = "auto") -> DecodeTuning:
     """The decode setting for a patched model's FFN sites: cached, measured or the defaults.
@@ -331,12 +348,9 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     path = cache_file()
     doc = _load_cache(path)
     key = _key(dtype, d, threads, mode)
-    entry = doc.get("entries", {}).get(key)
-    supported = set(ext.supported_isas())
-    if entry and entry.get("isa") in supported and not force:
-        return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
-                            "cached", entry.get("gbps"), bool(entry.get("compact_faster", False)),
-                            entry.get("layout", fixed))
+    hit = _cached_entry(doc, key, fixed)
+    if hit is not None and not force:
+        return hit
     layers = _gated_layers(sites)
     big = _ffn_bytes(sites) >= MIN_MEASURED_FFN_BYTES
     if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not big):

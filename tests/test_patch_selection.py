@@ -18,7 +18,7 @@ def _setup(method, **kw):
     model = tm.build("llama")
     sites = find_ffn_sites(model)
     config = GlassConfig(method=method, keep=0.5, **kw)
-    return model, sites, make_selection(config, sites, [K] * len(sites), tm.random_stats(model))
+    return model, sites, make_selection(config, [s.D for s in sites], [K] * len(sites), tm.random_stats(model))
 
 
 @pytest.mark.parametrize("method,cls", [("a-glass", RankAggregation), ("i-glass", RankAggregation),

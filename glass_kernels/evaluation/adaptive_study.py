@@ -63,7 +63,7 @@ def _ffn_bytes(model, sites, gcfg, stats) -> int:
     """FFN weight bytes one decode step reads with this configuration (every layer's kept rows)."""
     from ..patch.selection import layer_k
 
-    k = layer_k(gcfg, sites, stats)
+    k = layer_k(gcfg, [s.D for s in sites], [s.handler.row_elems for s in sites], stats)
     elem = next(model.parameters()).element_size()
     return int(sum(kk * s.handler.row_elems * elem for kk, s in zip(k, sites)))
 

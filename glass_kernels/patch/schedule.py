@@ -68,9 +68,9 @@ class GlassState:
         self.config = config
         self.sites = sites
         self.n = len(sites)
-        self.k = layer_k(config, sites, stats)
+        self.k = layer_k(config, [s.D for s in sites], [s.handler.row_elems for s in sites], stats)
         self.impact = config.local_kind == "impact"
-        self.selection = make_selection(config, sites, self.k, stats)
+        self.selection = make_selection(config, [s.D for s in sites], self.k, stats)
         # The down norms live with the weights (moved lazily if the model moves).
         self.down_norms: list[torch.Tensor] | None = None
         if self.impact:
