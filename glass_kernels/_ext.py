@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -60,13 +61,29 @@ def _choose_threading(C) -> None:
     be a second one, with the pool's problem and none of its robustness to a loaded machine)."""
     if os.environ.get("GLASS_THREADING") or "OpenMP" not in torch.__config__.parallel_info():
         return
-    runtimes = _openmp_runtimes()
-    if runtimes is None or len(runtimes) != 1:
+    if not shares_torch_runtime(_openmp_runtimes(), os.path.dirname(torch.__file__)):
         return
     try:
         C.set_threading("openmp")
     except (RuntimeError, ValueError):  # a core built without OpenMP keeps its pool
         pass
+
+
+# A wheel's private copy of a runtime, renamed by auditwheel with a hash (soname included), e.g.
+# sentencepiece.libs/libgomp-6a29c32d.so.1.0.0: only its own package binds to it, never the core.
+_VENDORED = re.compile(r"^lib(gomp|iomp5|omp)-[0-9a-f]{6,}\.so")
+
+
+def shares_torch_runtime(runtimes: set[str] | None, torch_dir: str) -> bool:
+    """Whether torch's OpenMP runtime is the one the core binds to: exactly one runtime under its
+    plain soname is loaded, and torch does not carry a private (renamed) copy of its own. Private
+    copies of other packages (vLLM's environment loads sentencepiece's) do not matter."""
+    if runtimes is None:
+        return False
+    plain = [p for p in runtimes if not _VENDORED.match(os.path.basename(p))]
+    torch_private = [p for p in runtimes if _VENDORED.match(os.path.basename(p))
+                     and os.path.abspath(p).startswith(os.path.abspath(torch_dir) + os.sep)]
+    return len(plain) == 1 and not torch_private
 
 
 def threading() -> str | None:

@@ -15,8 +15,20 @@ pytestmark = pytest.mark.skipif(C is None, reason="the C++ extension is not buil
 
 
 def _shares_torch_openmp() -> bool:
-    runtimes = _ext._openmp_runtimes()
-    return "OpenMP" in torch.__config__.parallel_info() and runtimes is not None and len(runtimes) == 1
+    return "OpenMP" in torch.__config__.parallel_info() and _ext.shares_torch_runtime(
+        _ext._openmp_runtimes(), os.path.dirname(torch.__file__))
+
+
+def test_which_runtimes_count_as_shared():
+    t = "/env/site-packages/torch"
+    assert _ext.shares_torch_runtime({f"{t}/lib/libgomp.so.1"}, t)
+    # another wheel's renamed private copy (vLLM's environment: sentencepiece) binds to nobody else
+    assert _ext.shares_torch_runtime({f"{t}/lib/libgomp.so.1",
+                                      "/env/site-packages/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"}, t)
+    # torch with a private copy: the core's libgomp.so.1 would be a second runtime
+    assert not _ext.shares_torch_runtime({f"{t}/lib/libgomp-a34b3233.so.1", "/usr/lib/libgomp.so.1"}, t)
+    assert not _ext.shares_torch_runtime({"/usr/lib/libgomp.so.1", "/opt/intel/libiomp5.so"}, t)
+    assert not _ext.shares_torch_runtime(None, t)
 
 
 def test_the_core_runs_on_torchs_openmp_team_when_it_shares_the_runtime():

@@ -20,19 +20,20 @@ def _ffns(seed=0):
     for layer in range(LAYERS):
         gate, up, down_t = (torch.randn(D, d, generator=g) / d ** 0.5 for _ in range(3))
 
-        def dense(x, gate=gate, up=up, down_t=down_t):
+        def dense(x, mask=None, gate=gate, up=up, down_t=down_t):
             h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+            h = h if mask is None else h * mask
             return h, h @ down_t
 
         out.append(ServedFFN(layer, f"layers.{layer}.mlp", gate, up, down_t, "silu", dense))
     return out
 
 
-def _state(method="griffin", keep=0.5, record=True):
+def _state(method="griffin", keep=0.5, record=True, batch_sets="per-request"):
     ffns = _ffns()
     cfg = GlassConfig(method=method, keep=keep)
     k = [cfg.k_for(D)] * LAYERS
-    return ServingState(ffns, k, make_selection(cfg, [D] * LAYERS, k, None), "auto", record)
+    return ServingState(ffns, k, make_selection(cfg, [D] * LAYERS, k, None), "auto", record, batch_sets)
 
 
 def _run(state, entries, x):
@@ -76,6 +77,43 @@ def test_mixed_batch_each_request_uses_its_own_set():
         torch.testing.assert_close(y[4:5], ref_b)
         torch.testing.assert_close(y[1:4], ffn.dense(xc)[1])  # c's prompt rows: dense
     assert state.requests["c"].sets == [None] * LAYERS  # still prefilling: no set yet
+
+
+def test_many_rows_run_the_masked_dense_ffn_with_the_same_result():
+    # 3 decoding rows x k = 20 > D = 40: one dense pass with each row's set as a mask
+    state = _state()
+    prompts = [torch.randn(n, d) for n in (4, 6, 5)]
+    _run(state, [StepEntry(r, 0, len(p), len(p)) for r, p in zip("abc", prompts)], torch.cat(prompts))
+    x = torch.randn(3, d)
+    ys = _run(state, [StepEntry(r, len(p), 1, len(p)) for r, p in zip("abc", prompts)], x)
+    for layer, y in enumerate(ys):
+        ffn = state.ffns[layer]
+        for i, r in enumerate("abc"):
+            ref = ops.sparse_ffn(x[i:i + 1], ffn.gate, ffn.up, ffn.down_t, state.requests[r].sets[layer][0], "silu")
+            torch.testing.assert_close(y[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+        assert state.rows_read[layer] == D
+    # two rows x 20 = D: still the kernel
+    ys = _run(state, [StepEntry(r, len(p) + 1, 1, len(p)) for r, p in zip("ab", prompts)], x[:2])
+    assert state.rows_read[0] < D
+
+
+def test_shared_batch_set_pools_the_decoding_requests():
+    state = _state(batch_sets="shared")
+    pa, pb = torch.randn(7, d), torch.randn(3, d)
+    _run(state, [StepEntry("a", 0, 7, 7), StepEntry("b", 0, 3, 3)], torch.cat([pa, pb]))
+    x = torch.randn(2, d)
+    ys = _run(state, [StepEntry("a", 7, 1, 7), StepEntry("b", 3, 1, 3)], x)
+    for layer, y in enumerate(ys):
+        ffn = state.ffns[layer]
+        pooled = ops.neuron_stats(ffn.dense(pa)[0].unsqueeze(0)) / 7 + ops.neuron_stats(ffn.dense(pb)[0].unsqueeze(0)) / 3
+        shared = pooled[0].topk(D // 2).indices.sort().values.to(torch.int32)
+        torch.testing.assert_close(y, ops.sparse_ffn(x, ffn.gate, ffn.up, ffn.down_t, shared, "silu"))
+        assert state.rows_read[layer] == D // 2
+    # alone, a request decodes with its own set, as in per-request mode
+    solo = _run(state, [StepEntry("a", 8, 1, 7)], x[:1])
+    own = state.requests["a"].sets[0][0]
+    torch.testing.assert_close(solo[0], ops.sparse_ffn(x[:1], state.ffns[0].gate, state.ffns[0].up,
+                                                       state.ffns[0].down_t, own, "silu"))
 
 
 def test_recompute_after_preemption_rebuilds_the_same_set():
@@ -130,5 +168,8 @@ def test_config_parse_names_the_problem():
         plugin_config.parse({"method": "griffin", "keep": 1.5})
     with pytest.raises(TypeError, match="record_sets"):
         plugin_config.parse({"method": "griffin", "record_sets": "yes"})
+    with pytest.raises(ValueError, match="batch_sets"):
+        plugin_config.parse({"method": "griffin", "batch_sets": "union"})
+    assert plugin_config.parse({"method": "griffin", "batch_sets": "shared"}).batch_sets == "shared"
     with pytest.raises(TypeError, match="JSON object"):
         plugin_config.parse("keep=0.5")

@@ -5,8 +5,13 @@ The plugin does nothing unless that key is present. Its value is a JSON object:
     method, keep, lam, keep_split, seed, backend   as in glass_kernels.GlassConfig
     stats         path of the model's GlobalStats file (safetensors; needed by a-glass, i-glass,
                   global and the adaptive options)
+    batch_sets    "per-request" (default): each request decodes with its own set, so one step reads
+                  the union of its requests' sets; "shared": the requests decoding together share one
+                  set per layer, chosen from their pooled statistics (each request's statistic
+                  normalised by its prompt length) whenever the batch's make-up changes, so a step
+                  reads k rows per layer at any batch size, at some cost in quality per request
     record_sets   keep the neuron sets of the last 256 finished requests, for tests and inspection
-                  (``glass_state(model).finished``); default false
+                  (``glass_state(model).request_sets()``); default false
 
 GlassConfig's patch-only fields (strategy, layout, weights, tune) do not apply here and are refused.
 """
@@ -21,7 +26,8 @@ from ..patch.config import NEEDS_GLOBAL, GlassConfig
 
 CONFIG_KEY = "glass"
 _GLASS_FIELDS = ("method", "keep", "lam", "keep_split", "seed", "backend")
-_PLUGIN_FIELDS = ("stats", "record_sets")
+_PLUGIN_FIELDS = ("stats", "record_sets", "batch_sets")
+BATCH_SETS = ("per-request", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,7 @@ class ServingConfig:
     glass: GlassConfig
     stats_path: str | None = None
     record_sets: bool = False
+    batch_sets: str = "per-request"
 
     @property
     def dense(self) -> bool:
@@ -59,7 +66,10 @@ def parse(raw: Any) -> ServingConfig:
     record = raw.get("record_sets", False)
     if not isinstance(record, bool):
         raise TypeError(f'additional_config["{CONFIG_KEY}"]["record_sets"] must be true or false, got {record!r}')
-    return ServingConfig(glass, stats, record)
+    batch_sets = raw.get("batch_sets", "per-request")
+    if batch_sets not in BATCH_SETS:
+        raise ValueError(f'additional_config["{CONFIG_KEY}"]["batch_sets"] must be one of {BATCH_SETS}, got {batch_sets!r}')
+    return ServingConfig(glass, stats, record, batch_sets)
 
 
 def from_vllm(vllm_config) -> ServingConfig | None:
@@ -78,9 +88,9 @@ def from_vllm(vllm_config) -> ServingConfig | None:
     if getattr(vllm_config, "speculative_config", None) is not None:
         problems.append("speculative decoding is not supported with GLASS sparse decoding")
     par = vllm_config.parallel_config
-    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
-        problems.append(f"tensor_parallel_size={par.tensor_parallel_size}, pipeline_parallel_size="
-                        f"{par.pipeline_parallel_size}: this version of the plugin serves one rank only (1, 1)")
+    if par.pipeline_parallel_size != 1:
+        problems.append(f"pipeline_parallel_size={par.pipeline_parallel_size}: the plugin serves tensor "
+                        "parallelism only (pipeline_parallel_size 1)")
     if getattr(vllm_config.model_config, "quantization", None):
         problems.append(f"quantization={vllm_config.model_config.quantization!r}: the sparse kernel reads "
                         "fp32/bf16/fp16 FFN weights")

@@ -26,7 +26,7 @@ import re
 import torch
 
 from . import config as plugin_config
-from .state import ServedFFN, ServingState, StepEntry
+from .state import ServedFFN, ServingState, StepEntry, TensorParallel
 
 # a child of vLLM's logger: its handlers print our lines the way they print vLLM's own
 logger = logging.getLogger("vllm.plugins.glass_kernels")
@@ -158,33 +158,56 @@ def serve(model, cfg: plugin_config.ServingConfig, vllm_config) -> ServingState:
     from ..stats import GlobalStats, signature_of_ffn
 
     ffns = find_ffns(model)
+    tp = _tensor_parallel()
+    if tp is not None:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        for f in ffns:  # vLLM shards gate, up and W_down's columns alike: rank r holds one contiguous range
+            f.offset, f.D_full = rank * f.D, size * f.D
     stats = None
     if cfg.stats_path is not None:
         stats = GlobalStats.load(cfg.stats_path)
         hf = vllm_config.model_config.hf_config
-        sig = signature_of_ffn(type(model).__name__, str(getattr(hf, "model_type", "") or ""),
-                               [f.down_t.t() for f in ffns])
+        downs = [f.down_t.t() if tp is None else tp.all_gather(f.down_t.t().contiguous()) for f in ffns]
+        sig = signature_of_ffn(type(model).__name__, str(getattr(hf, "model_type", "") or ""), downs)
+        del downs
         stats.check_model(model, _signature=sig)
         if cfg.glass.adaptive:
             stats.require_fit(f"lam={cfg.glass.lam!r}, keep_split={cfg.glass.keep_split!r}")
     if cfg.glass.local_kind == "impact":
         for f in ffns:
             f.down_norms = torch.linalg.vector_norm(f.down_t.float(), dim=1).contiguous()
-    D = [f.D for f in ffns]
+    D = [f.D_full or f.D for f in ffns]  # selection ranks every neuron of a layer, on every rank
     k = layer_k(cfg.glass, D, [3 * f.d for f in ffns], stats)
     selection = make_selection(cfg.glass, D, k, stats)
     _apply_cached_tuning(ffns)
-    state = ServingState(ffns, k, selection, cfg.glass.backend, cfg.record_sets)
+    state = ServingState(ffns, k, selection, cfg.glass.backend, cfg.record_sets, cfg.batch_sets, tp)
+    if tp is None and cfg.batch_sets == "per-request" and ffns[0].gate.is_cpu:
+        # (tensor parallel keeps the rows rule: every rank must take the same path)
+        state.masked_from_rows = state.measure_masked_crossover()
     for pos, f in enumerate(ffns):
         module = model.get_submodule(f.name)
         module.forward = functools.partial(state.forward, pos)
     model.__dict__[_ATTR] = state
-    kept = sum(kk * 3 * f.d for kk, f in zip(k, ffns)) / sum(3 * f.D * f.d for f in ffns)
+    kept = sum(kk * 3 * f.d for kk, f in zip(k, ffns)) / sum(3 * n * f.d for n, f in zip(D, ffns))
     g = cfg.glass
     logger.info("glass_kernels: serving %d FFN layers of %s: %s, keep %s (%s split, %.3f of the FFN weights per "
-                "decode token), lam %s", len(ffns), type(model).__name__, g.method, g.keep, g.keep_split, kept,
-                g.effective_lam)
+                "decode token), lam %s, %s sets%s", len(ffns), type(model).__name__, g.method, g.keep, g.keep_split,
+                kept, g.effective_lam, cfg.batch_sets,
+                "" if state.masked_from_rows is None else f" (masked dense FFN from {state.masked_from_rows} rows)")
     return state
+
+
+def _tensor_parallel() -> TensorParallel | None:
+    """vLLM's tensor-parallel collectives, or None on one rank."""
+    from vllm.distributed import (get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather,
+                                  tensor_model_parallel_all_reduce)
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return None
+    return TensorParallel(lambda t: tensor_model_parallel_all_gather(t.contiguous(), dim=-1),
+                          tensor_model_parallel_all_reduce)
 
 
 def find_ffns(model) -> list[ServedFFN]:
@@ -211,9 +234,11 @@ def find_ffns(model) -> list[ServedFFN]:
     return found
 
 
-def _dense(mlp, x):
+def _dense(mlp, x, mask=None):
     gate_up, _ = mlp.gate_up_proj(x)
     h = mlp.act_fn(gate_up)
+    if mask is not None:
+        h = h * mask
     y, _ = mlp.down_proj(h)
     return h, y
 

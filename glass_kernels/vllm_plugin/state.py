@@ -34,9 +34,9 @@ _serial = itertools.count()
 class ServedFFN:
     """One gated FFN as the plugin serves it: views of vLLM's own weights, no copy.
 
-    ``dense(x)`` returns (h, y): the intermediate act(gate) * up and the output, through vLLM's own
-    modules (so prompt tokens get vLLM's arithmetic); gate/up/down_t are the [D, d] rows the sparse
-    kernel reads."""
+    ``dense(x, mask=None)`` returns (h, y): the intermediate act(gate) * up (times ``mask`` [N, D]
+    if given) and the output, through vLLM's own modules (so prompt tokens get vLLM's arithmetic);
+    gate/up/down_t are the [D, d] rows the sparse kernel reads."""
 
     index: int
     name: str
@@ -44,16 +44,26 @@ class ServedFFN:
     up: torch.Tensor
     down_t: torch.Tensor
     activation: str
-    dense: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    dense: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     down_norms: torch.Tensor | None = None  # i-glass: ||W_down[:, i]||
+    offset: int = 0  # tensor parallel: this rank's first neuron (the rank holds offset .. offset + D - 1)
+    D_full: int | None = None  # tensor parallel: the layer's neurons over all ranks
 
     @property
     def D(self) -> int:
+        """Neurons on this rank."""
         return int(self.gate.shape[0])
 
     @property
     def d(self) -> int:
         return int(self.gate.shape[1])
+
+
+class TensorParallel(NamedTuple):
+    """The collectives of a tensor-parallel group (every rank calls them in the same order)."""
+
+    all_gather: Callable[[torch.Tensor], torch.Tensor]  # concatenates the ranks' last dims, rank order
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]  # sums over the ranks
 
 
 class StepEntry(NamedTuple):
@@ -100,12 +110,18 @@ class ServingState:
     """Requests, step plan and the per-layer forward of one model runner."""
 
     def __init__(self, ffns: Sequence[ServedFFN], k: Sequence[int], selection: Selection, backend: str,
-                 record_sets: bool) -> None:
+                 record_sets: bool, batch_sets: str = "per-request", tp: TensorParallel | None = None) -> None:
         self.ffns = list(ffns)
+        self.tp = tp
         self.k = list(k)
         self.selection = selection
         self.backend = backend
         self.record_sets = record_sets
+        self.shared = batch_sets == "shared"
+        self.rows_read = [0] * len(self.ffns)  # per layer: distinct rows of the latest sparse batch
+        # per-request sets: decoding rows from which one masked dense FFN runs instead of the kernel
+        # (measure_masked_crossover; None: where R x k exceeds the layer's neurons)
+        self.masked_from_rows: int | None = None
         self.requests: dict[str, RequestState] = {}
         self.finished: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.plan: StepPlan | None = None
@@ -121,10 +137,7 @@ class ServingState:
             if req is None:
                 continue
             if finished and self.record_sets:
-                self.finished[rid] = {
-                    "prompt_tokens": req.prompt_tokens,
-                    "sets": [None if s is None else s.cpu() for s in req.sets],
-                }
+                self.finished[rid] = {"prompt_tokens": req.prompt_tokens, "sets": self._global_ids(req.sets)}
                 while len(self.finished) > FINISHED_KEPT:
                     self.finished.popitem(last=False)
             self.counters["finished" if finished else "preempted"] += 1
@@ -190,16 +203,32 @@ class ServingState:
             h, yd = ffn.dense(x.index_select(0, dense_rows))
             self._add_stats(ffn, pos, h, plan.stat_segments)
             y.index_copy_(0, dense_rows, yd)
-        if plan.sparse_rows is not None:
+        if plan.sparse_rows is not None and pos == 0:
+            self.counters["decode_steps"] += 1
+        if plan.sparse_rows is not None and self._masked_dense(pos, plan):
+            # Per-request sets, many rows: R rows x k neurons would read more weight rows than the
+            # layer has, so run the dense FFN once for all rows and zero each row's unselected
+            # neurons. The same result as the kernel (up to summation order), at the dense cost.
+            xs = x.index_select(0, plan.sparse_rows)
+            y.index_copy_(0, plan.sparse_rows, ffn.dense(xs, self._mask(ffn, pos, plan))[1])
+        elif plan.sparse_rows is not None:
             idx = self._sets(ffn, pos, plan)
             xs = x.index_select(0, plan.sparse_rows).unsqueeze(1)  # [R, 1, d]: one row per set
             token = _backend_var.set(self.backend) if self.backend != "auto" else None
             try:
-                ys = ops.sparse_ffn_prevalidated(xs, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
+                if isinstance(idx, list):  # tensor parallel: each request keeps its own count on this rank
+                    ys = torch.cat([ops.sparse_ffn_prevalidated(xs[i:i + 1], ffn.gate, ffn.up, ffn.down_t, s,
+                                                                ffn.activation) for i, s in enumerate(idx)])
+                else:
+                    ys = ops.sparse_ffn_prevalidated(xs, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
             finally:
                 if token is not None:
                     _backend_var.reset(token)
+            if self.tp is not None:
+                ys = self.tp.all_reduce(ys)  # each rank summed its own neurons (as down_proj would)
             y.index_copy_(0, plan.sparse_rows, ys.squeeze(1))
+        if plan.sparse_rows is not None:
+            self.counters["ffn_bytes_read"] += self.rows_read[pos] * 3 * ffn.d * ffn.gate.element_size()
         return y
 
     @staticmethod
@@ -213,33 +242,137 @@ class ServingState:
     def _add_stats(self, ffn: ServedFFN, pos: int, h: torch.Tensor, segments) -> None:
         for req, lo, hi in segments:
             out = req.stat(pos, ffn.D, h.device)
-            ops.neuron_stats(h[lo:hi].unsqueeze(0), down_norms=ffn.down_norms, out=out)
+            if self.tp is None:
+                ops.neuron_stats(h[lo:hi].unsqueeze(0), down_norms=ffn.down_norms, out=out)
+            else:
+                out += self._sharded_stat(h[lo:hi], ffn.down_norms)
 
-    def _sets(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> torch.Tensor:
-        """[R, k] int32: each sparse row's request set, stacked and validated once per batch make-up."""
+    def _sharded_stat(self, h: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """ops.neuron_stats of a rank's shard of h [T, D/tp]: each token normalised by its norm over
+        all ranks' neurons (one all-reduce of T squared norms), so the ranks' statistics together
+        are the unsharded statistic."""
+        v = h.float() if norms is None else h.float() * norms
+        sq = v * v
+        total = self.tp.all_reduce(sq.sum(-1))
+        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+        return (sq * inv.unsqueeze(-1)).sum(0, keepdim=True)
+
+    def _masked_dense(self, pos: int, plan: StepPlan) -> bool:
+        """Whether this step's per-request sets run as one masked dense FFN (see masked_from_rows)."""
+        if self.shared:
+            return False
+        if self.masked_from_rows is not None:
+            return len(plan.sparse_requests) >= self.masked_from_rows
+        ffn = self.ffns[pos]  # unmeasured: where R rows x k would read more rows than the layer has
+        return len(plan.sparse_requests) * self.k[pos] > (ffn.D_full or ffn.D)
+
+    def measure_masked_crossover(self, rows=(2, 3, 4, 6, 8, 12, 16, 24, 32), reps: int = 5) -> int | None:
+        """From how many decoding rows one masked dense FFN beats the kernel over per-request sets,
+        timed on layer 0 with random sets (each median of ``reps``); None if it never does up to
+        max(rows). The kernel reads R x k rows (overlapping sets partly from cache), the dense FFN
+        every row once, at GEMM speed: where they cross depends on the machine, so it is measured."""
+        import time
+
+        ffn, k = self.ffns[0], self.k[0]
+        g = torch.Generator().manual_seed(0)
+
+        def median_ms(fn) -> float:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return sorted(times)[len(times) // 2]
+
+        for R in rows:
+            x = torch.randn(R, 1, ffn.d, generator=g).to(ffn.gate.dtype)
+            sets = torch.stack([torch.randperm(ffn.D, generator=g)[:k].sort().values for _ in range(R)])
+            idx = ops.validate_sparse_ffn_operands(ffn.gate, ffn.up, ffn.down_t, sets.to(torch.int32), ffn.activation)
+            mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype).scatter_(1, sets, 1.0)
+            kernel = median_ms(lambda: ops.sparse_ffn_prevalidated(x, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation))
+            dense = median_ms(lambda: ffn.dense(x.squeeze(1), mask))
+            if dense < kernel:
+                return R
+        return None
+
+    def _mask(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> torch.Tensor:
+        """[R, D] 0/1 of each sparse row's request set (cached per batch make-up, as the sets)."""
+        key = ("mask",) + plan.sparse_key
+        cached = self._stacked.get(pos)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        mask = torch.zeros(len(plan.sparse_requests), ffn.D, dtype=ffn.gate.dtype)
+        for row, req in enumerate(plan.sparse_requests):
+            mask[row, self._request_set(pos, req).reshape(-1).long()] = 1.0
+        mask = mask.to(ffn.gate.device)
+        self._stacked[pos] = (key, mask)
+        self.rows_read[pos] = ffn.D
+        return mask
+
+    def _sets(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> torch.Tensor | list[torch.Tensor]:
+        """Each sparse row's set, validated once per batch make-up: [R, k] int32 stacked (or [k] shared),
+        or, where the rows keep different counts on this rank (tensor parallel), one [k_r] per row."""
         key = plan.sparse_key
         cached = self._stacked.get(pos)
         if cached is not None and cached[0] == key:
             return cached[1]
-        rows = []
-        for req in plan.sparse_requests:
-            s = req.sets[pos]
-            if s is None:
-                tokens = torch.tensor([req.prompt_tokens])
-                s = req.sets[pos] = self.selection.choose_layer(pos, req.stats[pos], tokens).reshape(1, -1)
-            rows.append(s)
-        idx = torch.cat(rows).to(ffn.gate.device)
-        idx = ops.validate_sparse_ffn_operands(ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
+
+        def valid(idx):
+            return ops.validate_sparse_ffn_operands(ffn.gate, ffn.up, ffn.down_t, idx.to(ffn.gate.device),
+                                                    ffn.activation)
+
+        if self.shared:
+            sets = [self._shared_set(pos, plan.sparse_requests)]
+            idx = valid(sets[0].reshape(-1))
+        else:
+            sets = [self._request_set(pos, req) for req in plan.sparse_requests]
+            if len({s.shape[-1] for s in sets}) == 1:
+                idx = valid(torch.cat(sets))
+            else:
+                idx = [valid(s[0]) for s in sets]
         self._stacked[pos] = (key, idx)
+        self.rows_read[pos] = int(torch.cat([s.reshape(-1) for s in sets]).unique().numel())
         return idx
 
+    def _choose(self, pos: int, stat: torch.Tensor, tokens: int) -> torch.Tensor:
+        """[1, k_rank]: the set chosen from a statistic [1, D] of this rank's neurons, as local indices.
+        Tensor parallel: the ranks' statistics are gathered so that every rank ranks all D neurons
+        exactly as one rank would, and each keeps the chosen neurons it holds."""
+        if self.tp is not None:
+            stat = self.tp.all_gather(stat)
+        chosen = self.selection.choose_layer(pos, stat, torch.tensor([tokens])).reshape(1, -1)
+        if self.tp is None:
+            return chosen
+        ffn = self.ffns[pos]
+        mine = chosen[(chosen >= ffn.offset) & (chosen < ffn.offset + ffn.D)]
+        return (mine - ffn.offset).to(torch.int32).reshape(1, -1).contiguous()
+
+    def _request_set(self, pos: int, req: RequestState) -> torch.Tensor:
+        s = req.sets[pos]
+        if s is None:
+            s = req.sets[pos] = self._choose(pos, req.stats[pos], req.prompt_tokens)
+        return s
+
+    def _shared_set(self, pos: int, requests: Sequence[RequestState]) -> torch.Tensor:
+        """[1, k]: one set for every row, from the batch's pooled statistics (batch_sets="shared")."""
+        unique = list({r.serial: r for r in requests}.values())
+        if len(unique) == 1:
+            return self._request_set(pos, unique[0])
+        pooled = sum(r.stats[pos] / r.prompt_tokens for r in unique)
+        return self._choose(pos, pooled, sum(r.prompt_tokens for r in unique))
+
     def request_sets(self) -> dict[str, list[torch.Tensor | None]]:
-        """Request id -> its per-layer sets [1, k] (None: not chosen yet), for the live requests and
+        """Request id -> its per-layer sets [1, k] of neuron ids (None: not chosen yet; tensor parallel:
+        the ids this rank holds), for the live requests and
         (record_sets) the recently finished ones. vLLM reports a finished request at its next step,
         so the last requests of a burst stay live until then."""
         out = {rid: v["sets"] for rid, v in self.finished.items()}
-        out.update({rid: [None if s is None else s.cpu() for s in r.sets] for rid, r in self.requests.items()})
+        out.update({rid: self._global_ids(r.sets) for rid, r in self.requests.items()})
         return out
+
+    def _global_ids(self, sets) -> list[torch.Tensor | None]:
+        """A request's sets as neuron ids of the whole layer (tensor parallel: this rank's part)."""
+        return [None if s is None else s.cpu() + f.offset for s, f in zip(sets, self.ffns)]
 
     def summary(self) -> dict:
         """What the plugin serves and has done (for tests, logs and ``glass_state``)."""
@@ -248,6 +381,9 @@ class ServingState:
             "D": [f.D for f in self.ffns],
             "k": list(self.k),
             "live_requests": len(self.requests),
+            "batch_sets": "shared" if self.shared else "per-request",
+            "masked_from_rows": self.masked_from_rows,
+            "rows_read": list(self.rows_read),
             "counters": dict(self.counters),
         }
 

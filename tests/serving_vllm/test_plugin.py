@@ -25,7 +25,7 @@ vllm = pytest.importorskip("vllm", reason="the vLLM plugin tests run in .venv-vl
 import torch  # noqa: E402
 
 import glass_kernels  # noqa: E402
-from glass_kernels.vllm_plugin import glass_state, hooks  # noqa: E402
+from glass_kernels.vllm_plugin import glass_state, hooks, request_sets  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_models as tm  # noqa: E402
@@ -168,6 +168,32 @@ def test_chunked_prefill_and_preemption_give_the_same_sets(tmp_path):
         for a, b in zip(plain_sets[r], sets[r]):
             assert torch.equal(a, b)
     assert counters.get("preempted", 0) + counters.get("restarted", 0) > 0, counters
+
+
+def test_tensor_parallel_2_decodes_with_one_ranks_sets(tmp_path, monkeypatch):
+    """TP 2: each rank holds half of every FFN's neurons; the ranks gather each request's statistics,
+    so they keep exactly TP 1's sets between them, and the tokens are TP 1's."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the workers
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 needs 2 CPUs")
+    # one core per rank (vLLM's automatic binding wants one NUMA node per rank)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    model, folder = _save_tiny(tmp_path, "llama")
+    path = str(tmp_path / "stats.safetensors")
+    tm.random_stats(model).save(path)
+    glass = {"method": "a-glass", "keep": 0.5, "stats": path, "record_sets": True}
+    with _engine(folder, glass) as llm:
+        tokens, sets = _generate(llm), _finished_sets(llm)
+    with _engine(folder, glass, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        tp_tokens = _generate(llm)
+        per_rank = [{r.split("-")[0]: v for r, v in rank.items()} for rank in llm.apply_model(request_sets)]
+    assert tp_tokens == tokens
+    for r, layers in sets.items():
+        for layer, whole in enumerate(layers):
+            halves = [rank[r][layer].reshape(-1) for rank in per_rank]
+            assert all(h.numel() > 0 for h in halves)
+            assert torch.equal(torch.cat(halves).sort().values, whole.reshape(-1).sort().values), (r, layer)
 
 
 def test_bad_configuration_is_named(tmp_path):
