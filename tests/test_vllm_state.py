@@ -79,6 +79,26 @@ def test_mixed_batch_each_request_uses_its_own_set():
     assert state.requests["c"].sets == [None] * LAYERS  # still prefilling: no set yet
 
 
+def test_overlapping_sets_read_their_union_once():
+    # two requests with near-identical prompts: near-identical sets, read as one union
+    state = _state()
+    pa = torch.randn(8, d)
+    pb = pa + 0.05 * torch.randn(8, d)
+    _run(state, [StepEntry("a", 0, 8, 8), StepEntry("b", 0, 8, 8)], torch.cat([pa, pb]))
+    x = torch.randn(2, d)
+    ys = _run(state, [StepEntry("a", 8, 1, 8), StepEntry("b", 8, 1, 8)], x)
+    for layer, y in enumerate(ys):
+        ffn = state.ffns[layer]
+        sa, sb = state.requests["a"].sets[layer][0], state.requests["b"].sets[layer][0]
+        union = torch.cat([sa, sb]).unique().numel()
+        k = D // 2
+        assert union + 2 * (union - k) < 2 * k  # so the union path ran (fewer rows than the two sets)
+        assert state.rows_read[layer] == union
+        for i, own in enumerate((sa, sb)):
+            ref = ops.sparse_ffn(x[i:i + 1], ffn.gate, ffn.up, ffn.down_t, own, "silu")
+            torch.testing.assert_close(y[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_many_rows_run_the_masked_dense_ffn_with_the_same_result():
     # 3 decoding rows x k = 20 > D = 40: one dense pass with each row's set as a mask
     state = _state()
@@ -171,5 +191,16 @@ def test_config_parse_names_the_problem():
     with pytest.raises(ValueError, match="batch_sets"):
         plugin_config.parse({"method": "griffin", "batch_sets": "union"})
     assert plugin_config.parse({"method": "griffin", "batch_sets": "shared"}).batch_sets == "shared"
+    with pytest.raises(ValueError, match="tp_selection"):
+        plugin_config.parse({"method": "griffin", "tp_selection": "random"})
+    with pytest.raises(ValueError, match="per-shard"):
+        plugin_config.parse({"method": "random", "tp_selection": "per-shard"})
+    assert plugin_config.parse({"method": "griffin", "tp_selection": "per-shard"}).tp_selection == "per-shard"
     with pytest.raises(TypeError, match="JSON object"):
         plugin_config.parse("keep=0.5")
+
+
+def test_masked_crossover_is_measured_on_this_selection():
+    state = _state()
+    got = state.measure_masked_crossover(rows=(2, 4), reps=1)
+    assert got in (None, 2, 4)

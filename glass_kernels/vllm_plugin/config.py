@@ -10,6 +10,10 @@ The plugin does nothing unless that key is present. Its value is a JSON object:
                   set per layer, chosen from their pooled statistics (each request's statistic
                   normalised by its prompt length) whenever the batch's make-up changes, so a step
                   reads k rows per layer at any batch size, at some cost in quality per request
+    tp_selection  with tensor parallelism: "gather" (default): the ranks gather each request's
+                  statistics and keep, between them, exactly the one-rank set (TP N decodes with TP 1's
+                  sets); "per-shard": each rank chooses k / N of its own neurons from its own share of
+                  the statistics, so every rank does equal work (a-glass, i-glass, griffin)
     record_sets   keep the neuron sets of the last 256 finished requests, for tests and inspection
                   (``glass_state(model).request_sets()``); default false
 
@@ -26,8 +30,9 @@ from ..patch.config import NEEDS_GLOBAL, GlassConfig
 
 CONFIG_KEY = "glass"
 _GLASS_FIELDS = ("method", "keep", "lam", "keep_split", "seed", "backend")
-_PLUGIN_FIELDS = ("stats", "record_sets", "batch_sets")
+_PLUGIN_FIELDS = ("stats", "record_sets", "batch_sets", "tp_selection")
 BATCH_SETS = ("per-request", "shared")
+TP_SELECTIONS = ("gather", "per-shard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,7 @@ class ServingConfig:
     stats_path: str | None = None
     record_sets: bool = False
     batch_sets: str = "per-request"
+    tp_selection: str = "gather"
 
     @property
     def dense(self) -> bool:
@@ -69,7 +75,14 @@ def parse(raw: Any) -> ServingConfig:
     batch_sets = raw.get("batch_sets", "per-request")
     if batch_sets not in BATCH_SETS:
         raise ValueError(f'additional_config["{CONFIG_KEY}"]["batch_sets"] must be one of {BATCH_SETS}, got {batch_sets!r}')
-    return ServingConfig(glass, stats, record, batch_sets)
+    tp_selection = raw.get("tp_selection", "gather")
+    if tp_selection not in TP_SELECTIONS:
+        raise ValueError(f'additional_config["{CONFIG_KEY}"]["tp_selection"] must be one of {TP_SELECTIONS}, '
+                         f"got {tp_selection!r}")
+    if tp_selection == "per-shard" and glass.method not in ("a-glass", "i-glass", "griffin"):
+        raise ValueError(f'tp_selection="per-shard" ranks each shard\'s own statistics: a-glass, i-glass or '
+                         f"griffin, not {glass.method!r}")
+    return ServingConfig(glass, stats, record, batch_sets, tp_selection)
 
 
 def from_vllm(vllm_config) -> ServingConfig | None:

@@ -180,9 +180,13 @@ def serve(model, cfg: plugin_config.ServingConfig, vllm_config) -> ServingState:
             f.down_norms = torch.linalg.vector_norm(f.down_t.float(), dim=1).contiguous()
     D = [f.D_full or f.D for f in ffns]  # selection ranks every neuron of a layer, on every rank
     k = layer_k(cfg.glass, D, [3 * f.d for f in ffns], stats)
-    selection = make_selection(cfg.glass, D, k, stats)
+    per_shard = tp is not None and cfg.tp_selection == "per-shard"
+    if per_shard:
+        k, selection = _shard_selection(cfg.glass, ffns, k, stats)
+    else:
+        selection = make_selection(cfg.glass, D, k, stats)
     _apply_cached_tuning(ffns)
-    state = ServingState(ffns, k, selection, cfg.glass.backend, cfg.record_sets, cfg.batch_sets, tp)
+    state = ServingState(ffns, k, selection, cfg.glass.backend, cfg.record_sets, cfg.batch_sets, tp, per_shard)
     if tp is None and cfg.batch_sets == "per-request" and ffns[0].gate.is_cpu:
         # (tensor parallel keeps the rows rule: every rank must take the same path)
         state.masked_from_rows = state.measure_masked_crossover()
@@ -197,6 +201,22 @@ def serve(model, cfg: plugin_config.ServingConfig, vllm_config) -> ServingState:
                 kept, g.effective_lam, cfg.batch_sets,
                 "" if state.masked_from_rows is None else f" (masked dense FFN from {state.masked_from_rows} rows)")
     return state
+
+
+def _shard_selection(glass, ffns, k, stats):
+    """tp_selection="per-shard": each layer keeps round(k x D_rank / D) of this rank's neurons, ranked
+    by their statistics and by the global ranks re-ranked within the shard (same order, 1 .. D_rank)."""
+    from ..patch.config import NEEDS_GLOBAL
+    from ..patch.selection import RankAggregation
+
+    k_rank = [max(1, round(kk * f.D / f.D_full)) for kk, f in zip(k, ffns)]
+    ranks = None
+    if glass.method in NEEDS_GLOBAL:
+        full = stats.ranks("impact" if glass.method == "i-glass" else "activation")
+        ranks = [(r[f.offset:f.offset + f.D].argsort().argsort() + 1).to(torch.int32).contiguous()
+                 for r, f in zip(full, ffns)]
+    fit = stats.fit if glass.adaptive else None
+    return k_rank, RankAggregation(glass, [f.D for f in ffns], k_rank, ranks, fit)
 
 
 def _tensor_parallel() -> TensorParallel | None:

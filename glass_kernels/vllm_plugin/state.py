@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 from typing import Callable, NamedTuple, Sequence
 
@@ -110,9 +111,12 @@ class ServingState:
     """Requests, step plan and the per-layer forward of one model runner."""
 
     def __init__(self, ffns: Sequence[ServedFFN], k: Sequence[int], selection: Selection, backend: str,
-                 record_sets: bool, batch_sets: str = "per-request", tp: TensorParallel | None = None) -> None:
+                 record_sets: bool, batch_sets: str = "per-request", tp: TensorParallel | None = None,
+                 per_shard: bool = False) -> None:
         self.ffns = list(ffns)
         self.tp = tp
+        # tensor parallel: "selection" ranks this rank's neurons only (k = its share) instead of all
+        self.per_shard = per_shard and tp is not None
         self.k = list(k)
         self.selection = selection
         self.backend = backend
@@ -212,15 +216,11 @@ class ServingState:
             xs = x.index_select(0, plan.sparse_rows)
             y.index_copy_(0, plan.sparse_rows, ffn.dense(xs, self._mask(ffn, pos, plan))[1])
         elif plan.sparse_rows is not None:
-            idx = self._sets(ffn, pos, plan)
+            run = self._sets(ffn, pos, plan)
             xs = x.index_select(0, plan.sparse_rows).unsqueeze(1)  # [R, 1, d]: one row per set
             token = _backend_var.set(self.backend) if self.backend != "auto" else None
             try:
-                if isinstance(idx, list):  # tensor parallel: each request keeps its own count on this rank
-                    ys = torch.cat([ops.sparse_ffn_prevalidated(xs[i:i + 1], ffn.gate, ffn.up, ffn.down_t, s,
-                                                                ffn.activation) for i, s in enumerate(idx)])
-                else:
-                    ys = ops.sparse_ffn_prevalidated(xs, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
+                ys = run(xs)
             finally:
                 if token is not None:
                     _backend_var.reset(token)
@@ -264,16 +264,18 @@ class ServingState:
         if self.masked_from_rows is not None:
             return len(plan.sparse_requests) >= self.masked_from_rows
         ffn = self.ffns[pos]  # unmeasured: where R rows x k would read more rows than the layer has
-        return len(plan.sparse_requests) * self.k[pos] > (ffn.D_full or ffn.D)
+        ranked = ffn.D if self.per_shard else (ffn.D_full or ffn.D)  # the neurons k is a share of
+        return len(plan.sparse_requests) * self.k[pos] > ranked
 
     def measure_masked_crossover(self, rows=(2, 3, 4, 6, 8, 12, 16, 24, 32), reps: int = 5) -> int | None:
         """From how many decoding rows one masked dense FFN beats the kernel over per-request sets,
-        timed on layer 0 with random sets (each median of ``reps``); None if it never does up to
-        max(rows). The kernel reads R x k rows (overlapping sets partly from cache), the dense FFN
-        every row once, at GEMM speed: where they cross depends on the machine, so it is measured."""
+        timed on layer 0 (each median of ``reps``); None if it never does up to max(rows). The kernel
+        reads the sets' union (and each row's extras) or R x k rows, the dense FFN every row once at
+        GEMM speed: where they cross depends on the machine and on how much the sets overlap, so it
+        is measured, on sets this selection makes from random prompt statistics."""
         import time
 
-        ffn, k = self.ffns[0], self.k[0]
+        ffn = self.ffns[0]
         g = torch.Generator().manual_seed(0)
 
         def median_ms(fn) -> float:
@@ -286,10 +288,14 @@ class ServingState:
 
         for R in rows:
             x = torch.randn(R, 1, ffn.d, generator=g).to(ffn.gate.dtype)
-            sets = torch.stack([torch.randperm(ffn.D, generator=g)[:k].sort().values for _ in range(R)])
-            idx = ops.validate_sparse_ffn_operands(ffn.gate, ffn.up, ffn.down_t, sets.to(torch.int32), ffn.activation)
-            mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype).scatter_(1, sets, 1.0)
-            kernel = median_ms(lambda: ops.sparse_ffn_prevalidated(x, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation))
+            # sets as this selection makes them from prompts it knows nothing about: random local
+            # statistics (a-/i-glass sets still share the global prior's neurons, as real ones do)
+            sets = [self._choose(0, torch.rand(1, ffn.D, generator=g), 32).reshape(-1) for _ in range(R)]
+            run, _ = self._sparse_run(ffn, sets)
+            mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype)
+            for r, s in enumerate(sets):
+                mask[r, s.long()] = 1.0
+            kernel = median_ms(lambda: run(x))
             dense = median_ms(lambda: ffn.dense(x.squeeze(1), mask))
             if dense < kernel:
                 return R
@@ -309,39 +315,73 @@ class ServingState:
         self.rows_read[pos] = ffn.D
         return mask
 
-    def _sets(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> torch.Tensor | list[torch.Tensor]:
-        """Each sparse row's set, validated once per batch make-up: [R, k] int32 stacked (or [k] shared),
-        or, where the rows keep different counts on this rank (tensor parallel), one [k_r] per row."""
+    def _sets(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How this step's sparse rows xs [R, 1, d] run, decided and validated once per batch make-up:
+
+        * one set for all rows (shared, or a single request): one kernel call;
+        * per-request sets that overlap (the usual case: the global prior pulls every request's set
+          toward the same neurons): the union U of the sets is read once for all rows as R tokens,
+          then each row subtracts its neurons outside its own set (U minus S_r, few, still in cache);
+        * otherwise one call with the stacked [R, k] sets, or (tensor parallel, where the rows keep
+          different counts on this rank) one call per row."""
         key = plan.sparse_key
         cached = self._stacked.get(pos)
         if cached is not None and cached[0] == key:
             return cached[1]
+        if self.shared:
+            sets = [self._shared_set(pos, plan.sparse_requests).reshape(-1)]
+        else:
+            sets = [self._request_set(pos, req).reshape(-1) for req in plan.sparse_requests]
+        run, read = self._sparse_run(ffn, sets)
+        self._stacked[pos] = (key, run)
+        self.rows_read[pos] = read
+        return run
 
+    def _sparse_run(self, ffn: ServedFFN, sets: list[torch.Tensor]) -> tuple[Callable, int]:
+        """(run(xs [R, 1, d]) -> [R, 1, d], distinct rows read) for one set per row, or one for all."""
         def valid(idx):
             return ops.validate_sparse_ffn_operands(ffn.gate, ffn.up, ffn.down_t, idx.to(ffn.gate.device),
                                                     ffn.activation)
 
-        if self.shared:
-            sets = [self._shared_set(pos, plan.sparse_requests)]
-            idx = valid(sets[0].reshape(-1))
+        def kernel(xs, idx):
+            return ops.sparse_ffn_prevalidated(xs, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
+
+        union = torch.cat(sets).unique()  # sorted
+        extras = [union[~torch.isin(union, s)] for s in sets]
+        if len(sets) == 1 or (not self.shared and union.numel() + sum(e.numel() for e in extras)
+                              < sum(s.numel() for s in sets)):
+            u = valid(union)
+            minus = [None if e.numel() == 0 else valid(e) for e in extras]
+
+            def run(xs):
+                y = kernel(xs.transpose(0, 1).contiguous(), u).transpose(0, 1)  # the R rows as R tokens
+                for r, e in enumerate(minus):
+                    if e is not None:
+                        y[r] -= kernel(xs[r], e)
+                return y
+            read = union.numel()
+        elif len({s.numel() for s in sets}) == 1:
+            stacked = valid(torch.stack(sets))
+            run = functools.partial(kernel, idx=stacked)
+            read = union.numel()
         else:
-            sets = [self._request_set(pos, req) for req in plan.sparse_requests]
-            if len({s.shape[-1] for s in sets}) == 1:
-                idx = valid(torch.cat(sets))
-            else:
-                idx = [valid(s[0]) for s in sets]
-        self._stacked[pos] = (key, idx)
-        self.rows_read[pos] = int(torch.cat([s.reshape(-1) for s in sets]).unique().numel())
-        return idx
+            each = [valid(s) for s in sets]
+
+            def run(xs):
+                return torch.cat([kernel(xs[i:i + 1], e) for i, e in enumerate(each)])
+            read = union.numel()
+        return run, read
 
     def _choose(self, pos: int, stat: torch.Tensor, tokens: int) -> torch.Tensor:
         """[1, k_rank]: the set chosen from a statistic [1, D] of this rank's neurons, as local indices.
         Tensor parallel: the ranks' statistics are gathered so that every rank ranks all D neurons
-        exactly as one rank would, and each keeps the chosen neurons it holds."""
-        if self.tp is not None:
+        exactly as one rank would, and each keeps the chosen neurons it holds (per_shard: each rank
+        ranks its own neurons and keeps its share of k)."""
+        gather = self.tp is not None and not self.per_shard
+        if gather:
             stat = self.tp.all_gather(stat)
         chosen = self.selection.choose_layer(pos, stat, torch.tensor([tokens])).reshape(1, -1)
-        if self.tp is None:
+        if not gather:  # one rank, or per-shard: the selection ranked this rank's neurons only
             return chosen
         ffn = self.ffns[pos]
         mine = chosen[(chosen >= ffn.offset) & (chosen < ffn.offset + ffn.D)]
