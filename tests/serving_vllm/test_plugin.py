@@ -197,6 +197,34 @@ def test_tensor_parallel_2_decodes_with_one_ranks_sets(tmp_path, monkeypatch):
             assert torch.equal(torch.cat(halves).sort().values, whole.reshape(-1).sort().values), (r, layer)
 
 
+def test_tensor_parallel_2_real_model_gemma3(tmp_path, monkeypatch):
+    """Gemma-3-270M (4-bit GGUF dequantized to fp32; SmolLM2's 9 heads do not split over 2 ranks):
+    GRIFFIN keep 0.5 with TP 2 keeps TP 1's sets between its ranks and gives TP 1's tokens."""
+    from glass_kernels.models import load_model, model_cache_dir, prompt_ids
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 needs 2 CPUs")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    _, tok = load_model("gemma3-270m")
+    folder = str(model_cache_dir("gemma3-270m"))
+    prompts = [prompt_ids(tok, t, chat=False) for t in ("The three largest rivers of Europe are",
+                                                         "A compiler translates")]
+    glass = {"method": "griffin", "keep": 0.5, "record_sets": True}
+    kw = dict(skip_tokenizer_init=False, max_model_len=256)
+    with _engine(folder, glass, **kw) as llm:
+        tokens, sets = _generate(llm, prompts, 16), _finished_sets(llm)
+    with _engine(folder, glass, tensor_parallel_size=2, distributed_executor_backend="mp", **kw) as llm:
+        tp_tokens = _generate(llm, prompts, 16)
+        per_rank = [{r.split("-")[0]: v for r, v in rank.items()} for rank in llm.apply_model(request_sets)]
+    assert tp_tokens == tokens
+    for r, layers in sets.items():
+        for layer, whole in enumerate(layers):
+            both = torch.cat([rank[r][layer].reshape(-1) for rank in per_rank]).sort().values
+            assert torch.equal(both, whole.reshape(-1).sort().values), (r, layer)
+
+
 def test_tensor_parallel_per_shard_keeps_each_ranks_share(tmp_path, monkeypatch):
     """tp_selection="per-shard": each rank keeps k / 2 of its own neurons, ranked by its share of the
     prompt statistic and the global ranks re-ranked within the shard (no gather)."""
