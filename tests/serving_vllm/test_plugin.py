@@ -123,12 +123,13 @@ def test_keep_1_is_stock_vllm(tmp_path):
 
 
 @pytest.mark.parametrize("family,method", [(f, m) for f in ("llama", "qwen3", "gemma3") for m in ("griffin", "a-glass")]
-                         + [("mistral", "a-glass"), ("qwen2", "a-glass")])
+                         + [("mistral", "a-glass"), ("qwen2", "a-glass"), ("llama", "i-glass"),
+                            ("llama", "global"), ("llama", "random")])
 def test_same_tokens_and_sets_as_the_hf_patch(tmp_path, family, method):
     model, folder = _save_tiny(tmp_path, family)
     glass = {"method": method, "keep": 0.5, "record_sets": True}
     stats = None
-    if method == "a-glass":
+    if method in ("a-glass", "i-glass", "global"):
         stats = tm.random_stats(model)
         glass["stats"] = str(tmp_path / "stats.safetensors")
         stats.save(glass["stats"])
@@ -147,8 +148,10 @@ def test_same_tokens_and_sets_as_the_hf_patch(tmp_path, family, method):
     for i, prompt in enumerate(PROMPTS):
         dense_differs |= tokens[i] != _hf_tokens(model, prompt)
     assert dense_differs, "keep 0.5 gave the dense model's tokens on every prompt: the test shows nothing"
-    # a batch of different prompts gets different sets
-    assert not torch.equal(sets["0"][0], sets["1"][0])
+    if method in ("global", "random"):  # one set per layer for every prompt, by definition
+        assert torch.equal(sets["0"][0], sets["1"][0])
+    else:  # a batch of different prompts gets different sets
+        assert not torch.equal(sets["0"][0], sets["1"][0])
 
 
 def test_chunked_prefill_and_preemption_give_the_same_sets(tmp_path):
