@@ -6,7 +6,7 @@ Run in the vLLM venv (scripts/setup_vllm.sh):
         [--tokens 64] [--repeats 3] [--out reports/vllm]
 
 One engine per option (stock; GLASS per keep and batch-set mode), each timing every batch size: B
-held-out chat prompts, greedy, --tokens new tokens each (EOS ignored), vLLM's default processes.
+held-out prompts (chat-formatted where the model has a template), greedy, --tokens new tokens each (EOS ignored), vLLM's default processes.
 Per run: wall time of the whole batch, of its prefill alone (the same requests with 1 new token),
 and from them output tokens/s and decode tokens/s (tokens after the first / (wall - prefill)).
 FFN bytes per decode step: the weight rows the plugin's FFNs read, averaged over the runs' decode
@@ -50,10 +50,11 @@ def parse_args(argv=None):
 
 def _prompts(tok, n: int) -> list[list[int]]:
     from glass_kernels.evaluation.data import load_prompts
-    from glass_kernels.models import prompt_ids
+    from glass_kernels.models import is_chat_model, prompt_ids
 
     texts = [p["text"] for p in load_prompts() if p["split"] == "heldout"]
-    return [prompt_ids(tok, texts[i % len(texts)], chat=True) for i in range(n)]
+    chat = is_chat_model(tok)  # Gemma-3-270M here has no chat template: plain text
+    return [prompt_ids(tok, texts[i % len(texts)], chat=chat) for i in range(n)]
 
 
 def _engine(folder: str, glass: dict | None, max_seqs: int):
