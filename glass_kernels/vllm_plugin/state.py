@@ -273,18 +273,19 @@ class ServingState:
         ranked = ffn.D if self.per_shard else (ffn.D_full or ffn.D)  # the neurons k is a share of
         return len(plan.sparse_requests) * self.k[pos] > ranked
 
-    def measure_masked_crossover(self, rows=(2, 3, 4, 6, 8, 12, 16, 24, 32), reps: int = 5) -> int | None:
-        """From how many decoding rows one masked dense FFN beats the kernel over per-request sets,
-        timed on layer 0 (each median of ``reps``); None if it never does up to max(rows). The kernel
-        reads the sets' union (and each row's extras) or R x k rows, the dense FFN every row once at
-        GEMM speed: where they cross depends on the machine and on how much the sets overlap, so it
-        is measured, on sets this selection makes from random prompt statistics."""
+    def measure_masked_crossover(self, rows=(2, 3, 4, 6, 8, 12, 16, 24, 32), reps: int = 3) -> int | None:
+        """From how many decoding rows one masked dense FFN beats the kernel over per-request sets
+        (None if it never does up to max(rows)), timed as a decode step runs them: every layer in
+        turn, so the weights come from memory as in serving (each time the median of ``reps``
+        passes). The kernel reads the sets' union (and each row's extras) or R x k rows, the dense
+        FFN every row once at GEMM speed: where they cross depends on the machine and on how much
+        the sets overlap, so it is measured, on sets this selection makes from random prompt
+        statistics (a-/i-glass sets still share the global prior's neurons, as real ones do)."""
         import time
 
-        ffn = self.ffns[0]
         g = torch.Generator().manual_seed(0)
 
-        def median_ms(fn) -> float:
+        def median_s(fn) -> float:
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -293,16 +294,18 @@ class ServingState:
             return sorted(times)[len(times) // 2]
 
         for R in rows:
-            x = torch.randn(R, 1, ffn.d, generator=g).to(ffn.gate.dtype)
-            # sets as this selection makes them from prompts it knows nothing about: random local
-            # statistics (a-/i-glass sets still share the global prior's neurons, as real ones do)
-            sets = [self._choose(0, torch.rand(1, ffn.D, generator=g), 32).reshape(-1) for _ in range(R)]
-            run, _ = self._sparse_run(ffn, sets)
-            mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype)
-            for r, s in enumerate(sets):
-                mask[r, s.long()] = 1.0
-            kernel = median_ms(lambda: run(x))
-            dense = median_ms(lambda: ffn.dense(x.squeeze(1), mask))
+            runs, masked = [], []
+            for pos, ffn in enumerate(self.ffns):
+                x = torch.randn(R, 1, ffn.d, generator=g).to(ffn.gate.dtype)
+                sets = [self._choose(pos, torch.rand(1, ffn.D, generator=g), 32).reshape(-1) for _ in range(R)]
+                run, _ = self._sparse_run(ffn, sets)
+                mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype)
+                for r, s in enumerate(sets):
+                    mask[r, s.long()] = 1.0
+                runs.append(functools.partial(run, x))
+                masked.append(functools.partial(ffn.dense, x.squeeze(1), mask))
+            kernel = median_s(lambda: [f() for f in runs])
+            dense = median_s(lambda: [f() for f in masked])
             if dense < kernel:
                 return R
         return None
