@@ -204,3 +204,28 @@ def test_masked_crossover_is_measured_on_this_selection():
     state = _state()
     got = state.measure_masked_crossover(rows=(2, 4), reps=1)
     assert got in (None, 2, 4)
+
+
+def test_engine_settings_that_hide_prompt_tokens_are_refused():
+    from types import SimpleNamespace as NS
+
+    def cfg(**kw):
+        base = dict(additional_config={"glass": {"method": "griffin", "keep": 0.5}},
+                    cache_config=NS(enable_prefix_caching=False), speculative_config=None, lora_config=None,
+                    parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1),
+                    model_config=NS(quantization=None))
+        base.update(kw)
+        return NS(**base)
+
+    assert plugin_config.from_vllm(cfg(additional_config={})) is None  # no "glass" key: the plugin is off
+    assert plugin_config.from_vllm(cfg()).glass.keep == 0.5  # tensor parallel is fine
+    for bad, words in [(dict(cache_config=NS(enable_prefix_caching=True)), "prefix caching"),
+                       (dict(speculative_config=object()), "speculative"),
+                       (dict(lora_config=object()), "LoRA"),
+                       (dict(parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=2)), "pipeline"),
+                       (dict(model_config=NS(quantization="gptq")), "quantization")]:
+        with pytest.raises(ValueError, match=words):
+            plugin_config.from_vllm(cfg(**bad))
+    # keep 1.0 leaves vLLM untouched, so nothing needs refusing
+    assert plugin_config.from_vllm(cfg(additional_config={"glass": {"keep": 1.0}},
+                                       cache_config=NS(enable_prefix_caching=True))).dense

@@ -104,6 +104,8 @@ def from_vllm(vllm_config) -> ServingConfig | None:
     if par.pipeline_parallel_size != 1:
         problems.append(f"pipeline_parallel_size={par.pipeline_parallel_size}: the plugin serves tensor "
                         "parallelism only (pipeline_parallel_size 1)")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        problems.append("LoRA adapters wrap the MLP's linears with their own weights: not supported with GLASS")
     if getattr(vllm_config.model_config, "quantization", None):
         problems.append(f"quantization={vllm_config.model_config.quantization!r}: the sparse kernel reads "
                         "fp32/bf16/fp16 FFN weights")
