@@ -34,9 +34,12 @@ import torch
 
 
 def pooled_sets(sess, prompt_stat, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The plugin's shared set per layer ([1, k]) for a group: sum_b stat_b / tokens_b, selected with
-    the group's total prompt tokens (what ServingState._shared_set computes)."""
-    pooled = [(s / tokens.to(s.dtype).unsqueeze(1)).sum(0, keepdim=True) for s in prompt_stat]
+    """The plugin's shared set per layer ([1, k]) for a group: its pooled statistic, selected with the
+    group's total prompt tokens (what ServingState._shared_set computes)."""
+    from glass_kernels.vllm_plugin.state import pool_statistics
+
+    n = tokens.tolist()
+    pooled = [pool_statistics([s[b:b + 1] for b in range(len(n))], n) for s in prompt_stat]
     return sess.choose(pooled, tokens.sum().reshape(1))
 
 
@@ -44,6 +47,7 @@ def per_shard_sets(prompt_stat, global_ranks, k, lam: float, tp: int) -> list[to
     """Per layer [B, k]: k / tp neurons from each of tp contiguous shards, chosen from the shard's
     own statistics and the global ranks re-ranked within the shard."""
     from glass_kernels import ops
+    from glass_kernels.vllm_plugin.state import shard_ranks
 
     out = []
     for stat, ranks, kk in zip(prompt_stat, global_ranks, k):
@@ -53,8 +57,8 @@ def per_shard_sets(prompt_stat, global_ranks, k, lam: float, tp: int) -> list[to
         parts = []
         for j in range(tp):
             lo, hi = j * D // tp, (j + 1) * D // tp
-            shard_ranks = (ranks[lo:hi].argsort().argsort() + 1).to(torch.int32)  # same order, 1 .. D/tp
-            parts.append(ops.select_neurons(stat[:, lo:hi].float().contiguous(), shard_ranks, lam, kk // tp) + lo)
+            parts.append(ops.select_neurons(stat[:, lo:hi].float().contiguous(), shard_ranks(ranks, lo, hi), lam,
+                                            kk // tp) + lo)
         out.append(torch.cat(parts, 1).to(torch.int32))
     return out
 

@@ -26,7 +26,7 @@ import re
 import torch
 
 from . import config as plugin_config
-from .state import ServedFFN, ServingState, StepEntry, TensorParallel
+from .state import ServedFFN, ServingState, StepEntry, TensorParallel, shard_ranks
 
 # a child of vLLM's logger: its handlers print our lines the way they print vLLM's own
 logger = logging.getLogger("vllm.plugins.glass_kernels")
@@ -139,8 +139,11 @@ def _keep_plain_weight(layer) -> None:
     if w.dim() != 2 or w.is_meta:
         raise ValueError(f"glass_kernels: {layer.prefix} has a {tuple(w.shape)} weight; expected 2-D")
     if layer.prefix.endswith("down_proj"):
-        down_t = w.data.t().contiguous()  # [D, d]: neuron i's W_down column as one row
-        w.data = down_t.t()  # the parameter keeps its logical [d, D] shape, a view of down_t
+        from ..ffn.layout import make_neuron_major
+
+        # [D, d] storage, neuron i's W_down column as one row; the parameter keeps its logical
+        # [d, D] shape as a view of it (the HF patch's separate layout)
+        make_neuron_major(w)
         layer.cpu_linear = _linear_on_transposed
     else:
         layer.cpu_linear = torch.nn.functional.linear
@@ -213,8 +216,7 @@ def _shard_selection(glass, ffns, k, stats):
     ranks = None
     if glass.method in NEEDS_GLOBAL:
         full = stats.ranks("impact" if glass.method == "i-glass" else "activation")
-        ranks = [(r[f.offset:f.offset + f.D].argsort().argsort() + 1).to(torch.int32).contiguous()
-                 for r, f in zip(full, ffns)]
+        ranks = [shard_ranks(r, f.offset, f.offset + f.D) for r, f in zip(full, ffns)]
     fit = stats.fit if glass.adaptive else None
     return k_rank, RankAggregation(glass, [f.D for f in ffns], k_rank, ranks, fit)
 

@@ -135,7 +135,7 @@ class ServingState:
         self.requests: dict[str, RequestState] = {}
         self.finished: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.plan: StepPlan | None = None
-        self._stacked: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._stacked: dict[int, tuple[tuple, object]] = {}  # per layer: (batch make-up, its run or mask)
         self.counters = collections.Counter()
 
     # -- request lifecycle -----------------------------------------------------------------------
@@ -299,9 +299,7 @@ class ServingState:
                 x = torch.randn(R, 1, ffn.d, generator=g).to(ffn.gate.dtype)
                 sets = [self._choose(pos, torch.rand(1, ffn.D, generator=g), 32).reshape(-1) for _ in range(R)]
                 run, _ = self._sparse_run(ffn, sets)
-                mask = torch.zeros(R, ffn.D, dtype=ffn.gate.dtype)
-                for r, s in enumerate(sets):
-                    mask[r, s.long()] = 1.0
+                mask = _mask_of(sets, ffn.D, ffn.gate.dtype)
                 runs.append(functools.partial(run, x))
                 masked.append(functools.partial(ffn.dense, x.squeeze(1), mask))
             kernel = median_s(lambda: [f() for f in runs])
@@ -312,17 +310,10 @@ class ServingState:
 
     def _mask(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> torch.Tensor:
         """[R, D] 0/1 of each sparse row's request set (cached per batch make-up, as the sets)."""
-        key = ("mask",) + plan.sparse_key
-        cached = self._stacked.get(pos)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        mask = torch.zeros(len(plan.sparse_requests), ffn.D, dtype=ffn.gate.dtype)
-        for row, req in enumerate(plan.sparse_requests):
-            mask[row, self._request_set(pos, req).reshape(-1).long()] = 1.0
-        mask = mask.to(ffn.gate.device)
-        self._stacked[pos] = (key, mask)
-        self.rows_read[pos] = ffn.D
-        return mask
+        def build():
+            sets = [self._request_set(pos, req) for req in plan.sparse_requests]
+            return _mask_of(sets, ffn.D, ffn.gate.dtype).to(ffn.gate.device), ffn.D
+        return self._per_batch(pos, ("mask",) + plan.sparse_key, build)
 
     def _sets(self, ffn: ServedFFN, pos: int, plan: StepPlan) -> Callable[[torch.Tensor], torch.Tensor]:
         """How this step's sparse rows xs [R, 1, d] run, decided and validated once per batch make-up:
@@ -333,18 +324,23 @@ class ServingState:
           then each row subtracts its neurons outside its own set (U minus S_r, few, still in cache);
         * otherwise one call with the stacked [R, k] sets, or (tensor parallel, where the rows keep
           different counts on this rank) one call per row."""
-        key = plan.sparse_key
+        def build():
+            if self.shared:
+                sets = [self._shared_set(pos, plan.sparse_requests).reshape(-1)]
+            else:
+                sets = [self._request_set(pos, req).reshape(-1) for req in plan.sparse_requests]
+            return self._sparse_run(ffn, sets)
+        return self._per_batch(pos, plan.sparse_key, build)
+
+    def _per_batch(self, pos: int, key: tuple, build: Callable[[], tuple[object, int]]):
+        """Layer ``pos``'s value for this batch make-up (``key``): built once, kept until the make-up
+        changes; ``build`` returns (value, distinct weight rows a step reads with it)."""
         cached = self._stacked.get(pos)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if self.shared:
-            sets = [self._shared_set(pos, plan.sparse_requests).reshape(-1)]
-        else:
-            sets = [self._request_set(pos, req).reshape(-1) for req in plan.sparse_requests]
-        run, read = self._sparse_run(ffn, sets)
-        self._stacked[pos] = (key, run)
-        self.rows_read[pos] = read
-        return run
+        value, self.rows_read[pos] = build()
+        self._stacked[pos] = (key, value)
+        return value
 
     def _sparse_run(self, ffn: ServedFFN, sets: list[torch.Tensor]) -> tuple[Callable, int]:
         """(run(xs [R, 1, d]) -> [R, 1, d], distinct rows read) for one set per row, or one for all."""
@@ -355,7 +351,7 @@ class ServingState:
         def kernel(xs, idx):
             return ops.sparse_ffn_prevalidated(xs, ffn.gate, ffn.up, ffn.down_t, idx, ffn.activation)
 
-        union = torch.cat(sets).unique()  # sorted
+        union = torch.cat(sets).unique()  # sorted: the distinct rows a step reads, whichever way it runs
         extras = [union[~torch.isin(union, s)] for s in sets]
         if len(sets) == 1 or (not self.shared and union.numel() + sum(e.numel() for e in extras)
                               < sum(s.numel() for s in sets)):
@@ -368,18 +364,15 @@ class ServingState:
                     if e is not None:
                         y[r] -= kernel(xs[r], e)
                 return y
-            read = union.numel()
         elif len({s.numel() for s in sets}) == 1:
             stacked = valid(torch.stack(sets))
             run = functools.partial(kernel, idx=stacked)
-            read = union.numel()
         else:
             each = [valid(s) for s in sets]
 
             def run(xs):
                 return torch.cat([kernel(xs[i:i + 1], e) for i, e in enumerate(each)])
-            read = union.numel()
-        return run, read
+        return run, union.numel()
 
     def _choose(self, pos: int, stat: torch.Tensor, tokens: int) -> torch.Tensor:
         """[1, k_rank]: the set chosen from a statistic [1, D] of this rank's neurons, as local indices.
@@ -407,7 +400,7 @@ class ServingState:
         unique = list({r.serial: r for r in requests}.values())
         if len(unique) == 1:
             return self._request_set(pos, unique[0])
-        pooled = sum(r.stats[pos] / r.prompt_tokens for r in unique)
+        pooled = pool_statistics([r.stats[pos] for r in unique], [r.prompt_tokens for r in unique])
         return self._choose(pos, pooled, sum(r.prompt_tokens for r in unique))
 
     def request_sets(self) -> dict[str, list[torch.Tensor | None]]:
@@ -435,6 +428,26 @@ class ServingState:
             "rows_read": list(self.rows_read),
             "counters": dict(self.counters),
         }
+
+
+def pool_statistics(stats: Sequence[torch.Tensor], prompt_tokens: Sequence[int]) -> torch.Tensor:
+    """batch_sets="shared": the requests' statistics [1, D] pooled into one, each divided by its
+    prompt tokens so that every request weighs alike."""
+    return sum(s / n for s, n in zip(stats, prompt_tokens))
+
+
+def shard_ranks(global_ranks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """tp_selection="per-shard": the global ranks of neurons lo .. hi-1 re-ranked within the shard
+    (same order, 1 .. hi - lo), int32."""
+    return (global_ranks[lo:hi].argsort().argsort() + 1).to(torch.int32).contiguous()
+
+
+def _mask_of(sets: Sequence[torch.Tensor], D: int, dtype) -> torch.Tensor:
+    """[R, D] 1 where row r's set has the neuron, else 0 (the masked dense FFN's mask)."""
+    mask = torch.zeros(len(sets), D, dtype=dtype)
+    for r, s in enumerate(sets):
+        mask[r, s.reshape(-1).long()] = 1.0
+    return mask
 
 
 def _rows(ranges: list[tuple[int, int]], device) -> torch.Tensor | None:
