@@ -160,6 +160,34 @@ def test_one_patched_model_from_two_threads_works_or_raises():
     assert len(results) + len(errors) == 12
 
 
+def test_another_threads_prompt_does_not_turn_decode_steps_into_prompt():
+    """The generate() / prefill / session.prompt() depths belong to the thread that entered them: a
+    second thread inside session.prompt() (or generate()'s prefill) between its forwards must not make
+    this thread's decode steps count as prompt (they would then run dense and pollute the statistics)."""
+    model = tm.build("qwen2", seed=3)
+    patch(model, method="griffin", keep=0.5, tune=False)
+    want = _generate(model, seed=10)
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold_prompt_context():
+        with session(model).prompt():
+            entered.set()
+            leave.wait(timeout=60)
+
+    other = threading.Thread(target=hold_prompt_context)
+    other.start()
+    try:
+        assert entered.wait(timeout=60)
+        before = session(model).counters()
+        got = _generate(model, seed=10)
+        sparse_steps = session(model).counters()["sparse"] - before["sparse"]
+    finally:
+        leave.set()
+        other.join()
+    assert torch.equal(got, want)
+    assert sparse_steps == 7  # 8 new tokens: the prompt forward, then 7 sparse decode steps
+
+
 def test_thread_count_changes_between_calls():
     model = tm.build("mistral", seed=4)
     patch(model, method="griffin", keep=0.5, tune=False)

@@ -51,6 +51,14 @@ from .selection import layer_k, make_selection
 logger = logging.getLogger("glass_kernels.patch")
 
 
+class _CallDepths(threading.local):
+    """One thread's depths inside generate() / its prefill / session.prompt() (zero in a new thread)."""
+
+    prompt = 0
+    generate = 0
+    forwards = 0
+
+
 class GlassState:
     """Everything a patched model keeps between forwards (shared by all its GlassFFN modules): which
     phase the current sequence is in (from what each forward receives), its local statistics and
@@ -79,9 +87,10 @@ class GlassState:
         self._pos = {n: params.index(n) for n in self._INPUT_NAMES if n in params}
         cache_name = hf_compat.cache_arg_name(model.forward)
         self._cache_pos = params.index(cache_name) if cache_name else None
-        self.prompt_depth = 0  # > 0 inside session.prompt() / generate()'s prefill
-        self.generate_depth = 0  # > 0 inside model.generate()
-        self.generate_forwards = 0  # forwards since the current generate() started
+        # Where the calling thread is (inside generate(), its prefill, session.prompt()): per thread,
+        # so that a second thread entering generate() cannot turn this thread's decode step into a
+        # prompt turn before the forward lock refuses it (see prompt_depth below).
+        self._where = _CallDepths()
         self.counters = {"prompt": 0, "sparse": 0, "dense": 0}
         self._warned: set[str] = set()
         self._backend_tokens: list = []
@@ -95,6 +104,17 @@ class GlassState:
         self.prompt_copy = None  # tuning.PromptCopy, set by patch()
         self.quantized = None  # per layer quantized.QuantizedFFN (GlassConfig.weights), set by patch()
         self.reset()
+
+    # The calling thread's depths (properties over a threading.local, read and written as ints).
+    prompt_depth = property(lambda self: self._where.prompt,
+                            lambda self, v: setattr(self._where, "prompt", v))
+    """> 0 inside session.prompt() / generate()'s prefill, in this thread."""
+    generate_depth = property(lambda self: self._where.generate,
+                              lambda self, v: setattr(self._where, "generate", v))
+    """> 0 inside model.generate(), in this thread."""
+    generate_forwards = property(lambda self: self._where.forwards,
+                                 lambda self, v: setattr(self._where, "forwards", v))
+    """Forwards since this thread's current generate() started."""
 
     def warn_once(self, key: str, msg: str) -> None:
         """Log ``msg`` once per patched model (each problem is reported, but not at every step)."""
