@@ -49,7 +49,7 @@ typedef enum {
   GLASS_ISA_AUTO = 0, /* the best path the CPU supports (also what GLASS_ISA=auto selects) */
   GLASS_ISA_SCALAR = 1,
   GLASS_ISA_AVX2 = 2,   /* AVX2 + FMA + F16C */
-  GLASS_ISA_AVX512 = 3, /* AVX-512 F/BW/VL/DQ (+ BF16 when compiled with it) */
+  GLASS_ISA_AVX512 = 3, /* AVX-512 F/BW/VL/DQ (bf16 / fp16 widened to fp32) */
   GLASS_ISA_NEON = 4,   /* AArch64 Advanced SIMD baseline: fp16/bf16 widened to fp32 */
   GLASS_ISA_NEON_EXT = 5, /* NEON + the widening multiply-adds the CPU has, per dtype: FMLAL
                             (FEAT_FHM) for fp16, BFMLALB/T (FEAT_BF16) for bf16; NEON otherwise */
