@@ -14,7 +14,10 @@ A :class:`SelectionFit`, stored in the statistics file beside the global statist
 * ``keep_grid`` / ``layer_loss``: each layer's estimated loss (KL of the output when that layer alone
   is sparse) as a function of its kept fraction, from which ``GlassConfig(keep_split="fitted")``
   splits the user's FFN budget across layers (:meth:`SelectionFit.layer_k`): the same bytes per
-  decode step as the uniform split, spent where they buy the most.
+  decode step as the uniform split, spent where they buy the most;
+* ``keep_shrink``: how much of that reallocation is applied (0 = the uniform split, 1 = all of it).
+  The loss curves add up one-layer-at-a-time measurements, which overstates what moving neurons
+  between layers gains when every layer is sparse at once; the share is fitted by KL like τ.
 
 How the fit is made (:func:`fit_selection`): prompts (by default the evaluation's tune split, at four
 prompt lengths) are continued greedily by the dense model. For each prompt and layer, the *oracle*
@@ -24,7 +27,8 @@ uses, and a rule's set can be scored by the share of the oracle's mass it captur
 KL(dense ‖ sparse) on the continuations; the proxy only ranks the layers (τ_l = τ x the layer's
 proxy optimum / the all-layer proxy optimum); each layer's loss curve is the proxy's complement
 scaled to a measured KL: the model's output with only that layer sparse, at two keeps (TEAL-style
-per-layer sensitivity). Nothing here is tuned on held-out prompts. What the options gave on the
+per-layer sensitivity); the share of the reallocation is the grid value with the lowest KL of the
+whole model (every layer sparse, λ(n) with the shared τ). Nothing here is tuned on held-out prompts. What the options gave on the
 real models: README, "Adaptive selection" (they stay opt-in).
 """
 
@@ -46,7 +50,7 @@ from .stats import stat_ranks
 logger = logging.getLogger(__name__)
 
 __all__ = ["SelectionFit", "FitSample", "lam_of_length", "captured_mass", "fit_tau", "fit_selection",
-           "TAU_GRID", "KEEP_GRID", "SENSITIVITY_KEEPS"]
+           "TAU_GRID", "KEEP_GRID", "SENSITIVITY_KEEPS", "SHRINK_GRID"]
 
 # τ candidates: 0 (GRIFFIN), a geometric grid from 2 to 16384 prompt tokens, ∞ (global only).
 TAU_GRID = (0.0,) + tuple(float(2 ** (e / 2)) for e in range(2, 29)) + (math.inf,)
@@ -54,6 +58,8 @@ TAU_GRID = (0.0,) + tuple(float(2 ** (e / 2)) for e in range(2, 29)) + (math.inf
 KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 # Keeps at which one layer at a time is made sparse and the output's KL measured.
 SENSITIVITY_KEEPS = (0.5, 0.25)
+# Shares of the fitted per-layer reallocation scored by KL (0 = uniform split, 1 = the whole allocation).
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # The proxy's keeps: the range users run (docs/method.md's evaluation keeps).
 FIT_KEEPS = (0.5, 0.3)
 
@@ -75,6 +81,7 @@ class SelectionFit:
     keep_grid: torch.Tensor  # fp64 [G], increasing, in (0, 1]
     layer_loss: torch.Tensor  # fp64 [L, G], each row non-increasing
     meta: dict = dataclasses.field(default_factory=dict)
+    keep_shrink: float = 1.0  # share of the loss-curve reallocation applied (files from before it: 1)
 
     def __post_init__(self) -> None:
         self.tau = float(self.tau)
@@ -91,6 +98,9 @@ class SelectionFit:
             raise ValueError(f"layer_loss must have shape [{L}, {G}], got {tuple(self.layer_loss.shape)}")
         if not bool(torch.isfinite(self.layer_loss).all()) or bool((self.layer_loss < 0).any()):
             raise ValueError("layer_loss must be finite and >= 0")
+        self.keep_shrink = float(self.keep_shrink)
+        if not 0.0 <= self.keep_shrink <= 1.0:  # also rejects NaN
+            raise ValueError(f"keep_shrink must be in [0, 1], got {self.keep_shrink}")
 
     @property
     def num_layers(self) -> int:
@@ -117,14 +127,33 @@ class SelectionFit:
         """Neurons per layer for an average kept fraction ``keep`` of the FFN's weight bytes.
 
         The budget is exactly the uniform split's, sum_l floor(keep * D_l) * row_elems_l (row_elems:
-        weight elements per neuron); it is spent greedily where the estimated loss falls most per
-        element, in steps of ~1/256 of a layer, starting from 1/4 of the uniform fraction (and at
-        least 1 neuron) in every layer, and never beyond D_l."""
+        weight elements per neuron). The loss curves' allocation (:meth:`allocate`) is applied by the
+        share ``keep_shrink``: k_l = u_l + floor(share * (k*_l - u_l)), which never exceeds the
+        budget; what the rounding leaves is spent greedily as in the allocation."""
         if len(D) != self.num_layers or len(row_elems) != self.num_layers:
             raise ValueError(f"this fit has {self.num_layers} layers, the model {len(D)}")
         uniform = [kept_neurons(keep, d) for d in D]
         budget = sum(k * r for k, r in zip(uniform, row_elems))
+        if self.keep_shrink == 0.0:
+            return uniform
+        full = self.allocate(keep, D, row_elems)
+        if self.keep_shrink == 1.0:
+            return full
+        k = [max(1, u + math.floor(self.keep_shrink * (f - u))) for u, f in zip(uniform, full)]
+        return self._spend(k, budget, D, row_elems)
+
+    def allocate(self, keep: float, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
+        """The loss curves' split of the uniform budget: starting from 1/4 of the uniform fraction
+        (and at least 1 neuron) in every layer, spent greedily where the estimated loss falls most
+        per element, in steps of ~1/256 of a layer, never beyond D_l."""
+        uniform = [kept_neurons(keep, d) for d in D]
+        budget = sum(k * r for k, r in zip(uniform, row_elems))
         k = [max(1, min(u, int(math.floor(0.25 * keep * d)))) for u, d in zip(uniform, D)]
+        return self._spend(k, budget, D, row_elems)
+
+    def _spend(self, k: list[int], budget: int, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
+        """Add neurons to ``k`` (in place) where the estimated loss falls most per element, until the
+        budget (weight elements) is spent or no layer's rows fit what is left."""
         spent = sum(kk * r for kk, r in zip(k, row_elems))
         steps = [max(1, d // 256) for d in D]
 
@@ -153,14 +182,19 @@ class SelectionFit:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"fit.tau": torch.tensor([self.tau], dtype=torch.float64),
                 "fit.layer_tau": torch.tensor(self.layer_tau, dtype=torch.float64),
-                "fit.keep_grid": self.keep_grid.clone(), "fit.layer_loss": self.layer_loss.clone()}
+                "fit.keep_grid": self.keep_grid.clone(), "fit.layer_loss": self.layer_loss.clone(),
+                "fit.keep_shrink": torch.tensor([self.keep_shrink], dtype=torch.float64)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "SelectionFit":
+        shrink = tensors.get("fit.keep_shrink")
         return cls(float(tensors["fit.tau"].reshape(-1)[0]), tensors["fit.layer_tau"].tolist(),
-                   tensors["fit.keep_grid"], tensors["fit.layer_loss"], dict(meta))
+                   tensors["fit.keep_grid"], tensors["fit.layer_loss"], dict(meta),
+                   1.0 if shrink is None else float(shrink.reshape(-1)[0]))
 
+    # every fit holds these; OPTIONAL_TENSOR_NAMES are absent from files written before they existed
     TENSOR_NAMES = ("fit.tau", "fit.layer_tau", "fit.keep_grid", "fit.layer_loss")
+    OPTIONAL_TENSOR_NAMES = ("fit.keep_shrink",)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +328,9 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
        the proxy's all-layer optimum, times the KL-fitted tau (the proxy ranks the layers, the KL
        sets the level: the proxy alone undervalues the prior, see docs/method.md);
     4. per-layer loss curves: the captured share at every keep of KEEP_GRID, scaled to the KL of the
-       output with only that layer sparse, measured at two keeps on ``sensitivity_prompts`` prompts.
+       output with only that layer sparse, measured at two keeps on ``sensitivity_prompts`` prompts;
+    5. the share of the curves' reallocation applied (SHRINK_GRID): the lowest KL of the whole model
+       on the tau prompts' continuations (every layer sparse at once).
 
     Cost (SmolLM2-135M, defaults, 2 cores): a few minutes, most of it the per-layer passes."""
     from .evaluation.run import _pad_id, dense_continuations, make_batch, reference_pass
@@ -324,6 +360,7 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
     # batches spread over the prompt lengths (a long prompt costs nothing more there: its cache is reused)
     kl_picked = _spread_picks(n_batches, math.ceil(kl_prompts / batch_size))
     sens_picked = _spread_picks(n_batches, math.ceil(sensitivity_prompts / batch_size))
+    kl_chunks = []  # the KL-scored batches' prompts, scored again for the reallocation's share
     bar = _bar(n_batches, "fit: reference passes, tau by KL", progress)
     for j, s in enumerate(range(0, len(order), batch_size)):
         chunk = order[s:s + batch_size]
@@ -335,6 +372,7 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
                                      [t[b].clone() for t in ref.oracle_stat]))
         if j in kl_picked:
             kl.score(model, batch, ref, ranks, stats.D)
+            kl_chunks.append(chunk)
         if j in sens_picked:
             refs.append((batch, ref))
         if bar is not None:
@@ -348,14 +386,24 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
     mass = mean_mass_by_keep(samples, ranks, layer_tau, KEEP_GRID)
     measured = _layer_sensitivity(model, stats, refs, layer_tau, progress)
     loss = loss_curves(mass, KEEP_GRID, measured)
+    fit = SelectionFit(tau, layer_tau, torch.tensor(KEEP_GRID), loss)
+    shrink_kl = _shrink_scores(model, stats.with_fit(fit), [[prompts[i] for i in c] for c in kl_chunks],
+                               [[conts[i] for i in c] for c in kl_chunks], pad, progress)
+    shrink = min(SHRINK_GRID, key=lambda a: (shrink_kl[a], a))  # a tie goes to the smaller share
+    say(f"fit: share of the per-layer keep reallocation {shrink:g} (KL by share: "
+        + ", ".join(f"{a:g} {v:.4f}" for a, v in shrink_kl.items()) + ")")
     meta = {"tau_objective": "KL(dense || sparse) on the fit prompts' continuations, keeps 0.5 and 0.3",
             "tau_kl": {f"{t:g}": v for t, v in kl.mean().items()}, "kl_prompts": kl.sequences,
             "layer_objective": "captured share of the continuation's activation statistic, rescaled to tau",
             "proxy_tau": json_float(proxy_tau), "prompts": len(prompts), "gen_tokens": gen_tokens,
             "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
             "sensitivity_prompts": sum(int(b.ids.shape[0]) for b, _ in refs),
-            "sensitivity_keeps": list(SENSITIVITY_KEEPS), "seconds": round(time.perf_counter() - t0, 1)}
-    fit = SelectionFit(tau, layer_tau, torch.tensor(KEEP_GRID), loss, meta)
+            "sensitivity_keeps": list(SENSITIVITY_KEEPS),
+            "keep_shrink_objective": "KL(dense || sparse) of the whole model on the tau prompts' continuations, "
+                                     "lambda(n) with the shared tau, keeps 0.5 and 0.3",
+            "keep_shrink_kl": {f"{a:g}": v for a, v in shrink_kl.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    fit = SelectionFit(tau, layer_tau, torch.tensor(KEEP_GRID), loss, meta, shrink)
     say(f"fit done in {meta['seconds']} s")
     return stats.with_fit(fit)
 
@@ -442,6 +490,33 @@ class _KLScores:
     def best(self) -> float:
         m = self.mean()
         return min(self.taus, key=lambda t: m[t])
+
+
+def _shrink_scores(model, stats, prompts, conts, pad, progress) -> dict[float, float]:
+    """share -> token-weighted KL per token (averaged over FIT_KEEPS) of the whole model with the
+    fit's per-layer keep applied by that share (``stats.fit``), λ(n) with the shared τ; ``prompts`` /
+    ``conts``: the scored batches (their reference passes are made again, one batch at a time)."""
+    from .evaluation.run import continuation_logits, make_batch, reference_pass
+    from .patch import GlassConfig
+
+    sums = {(a, keep): 0.0 for a in SHRINK_GRID for keep in FIT_KEEPS}
+    tokens = 0
+    bar = _bar(len(prompts) * len(SHRINK_GRID) * len(FIT_KEEPS), "fit: per-layer keep share", progress)
+    for ids, cont in zip(prompts, conts):
+        batch = make_batch(ids, cont, pad)
+        ref = reference_pass(model, batch, keep_prompt_cache=True)
+        for a in SHRINK_GRID:
+            shrunk = stats.with_fit(dataclasses.replace(stats.fit, keep_shrink=a))
+            for keep in FIT_KEEPS:
+                gcfg = GlassConfig(method="a-glass", keep=keep, lam="length", keep_split="fitted", tune=False,
+                                   layout="separate")
+                sums[(a, keep)] += _kl_sum(ref, continuation_logits(model, batch, ref, gcfg, shrunk))
+                if bar is not None:
+                    bar.update(1)
+        tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
+        del ref
+    _close(bar)
+    return {a: sum(sums[(a, k)] for k in FIT_KEEPS) / (len(FIT_KEEPS) * max(1, tokens)) for a in SHRINK_GRID}
 
 
 def _layer_sensitivity(model, stats, refs, layer_tau, progress) -> dict[float, torch.Tensor]:

@@ -447,14 +447,15 @@ class GlobalStats:
 
         fit = None
         fit_names = set(SelectionFit.TENSOR_NAMES)
-        if names & fit_names:
+        optional_fit_names = set(SelectionFit.OPTIONAL_TENSOR_NAMES)
+        if names & (fit_names | optional_fit_names):
             if not fit_names <= names:
                 raise StatsFileError(f"{path!r} holds a partial selection fit (missing {sorted(fit_names - names)})")
             try:
                 fit = SelectionFit.from_tensors(tensors, meta.pop("fit", {}))
             except (ValueError, TypeError, KeyError, IndexError) as e:
                 raise StatsFileError(f"{path!r} holds an invalid selection fit: {e}") from None
-        unknown = sorted(names - expected - fit_names - {f"fingerprint_sample.{i}" for i in range(n)})
+        unknown = sorted(names - expected - fit_names - optional_fit_names - {f"fingerprint_sample.{i}" for i in range(n)})
         if unknown:
             raise StatsFileError(f"{path!r} holds unexpected tensors {unknown[:5]}")
         num_tokens = meta.pop("num_tokens", 0)

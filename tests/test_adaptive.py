@@ -1,6 +1,7 @@
 """Adaptive selection (glass_kernels.adaptive): λ by prompt length and layer, per-layer keep under one
 budget, the fit, its storage in the statistics file, and the evaluation's one-prompt-pass scoring."""
 
+import dataclasses
 import math
 
 import pytest
@@ -110,6 +111,31 @@ def test_layer_k_never_exceeds_the_budget_with_unequal_rows():
         fit.layer_k(0.4, [90], [7])
 
 
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.5])
+def test_layer_k_applies_the_share_of_the_reallocation(keep):
+    """Share 0: the uniform split; 1: the loss curves' allocation; between: between them, and the
+    same budget at every share."""
+    grid = torch.tensor(A.KEEP_GRID, dtype=torch.float64)
+    fit = _fit(L=4, loss=torch.stack([(1 - grid) * w for w in (1, 12, 3, 0.2)]))
+    D, rows = [300, 300, 300, 300], [8, 8, 8, 8]
+    uniform = [max(1, math.floor(keep * d + 1e-9)) for d in D]
+    full = fit.allocate(keep, D, rows)
+    assert full != uniform  # the curves differ, so the allocation moves neurons
+    moved = []
+    for share in A.SHRINK_GRID:
+        k = dataclasses.replace(fit, keep_shrink=share).layer_k(keep, D, rows)
+        assert sum(k) == sum(uniform)
+        if share == 0:
+            assert k == uniform
+        if share == 1:
+            assert k == full
+        # each layer within the interpolation, up to what the rounding leaves (< one neuron per layer)
+        for kk, u, f in zip(k, uniform, full):
+            assert min(u, f) - len(D) <= kk <= max(u, f) + len(D)
+        moved.append(sum(abs(kk - u) for kk, u in zip(k, uniform)))
+    assert moved == sorted(moved)  # a larger share moves at least as many neurons
+
+
 def test_selection_fit_validates():
     with pytest.raises(ValueError, match="tau"):
         _fit(tau=-1.0)
@@ -119,6 +145,9 @@ def test_selection_fit_validates():
         A.SelectionFit(1.0, [1.0], torch.tensor([0.5, 0.2]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="finite"):
         A.SelectionFit(1.0, [1.0], torch.tensor([0.2, 0.5]), torch.tensor([[float("nan"), 0.0]]))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep_shrink"):
+            A.SelectionFit(1.0, [1.0], torch.tensor([0.2, 0.5]), torch.zeros(1, 2), keep_shrink=bad)
 
 
 # ---- storage --------------------------------------------------------------------------------------
@@ -130,10 +159,29 @@ def test_fit_round_trips_through_the_stats_file(model, fitted, tmp_path):
     assert back.fit.tau == fitted.fit.tau and back.fit.layer_tau == fitted.fit.layer_tau
     assert torch.equal(back.fit.layer_loss, fitted.fit.layer_loss)
     assert back.fit.meta == fitted.fit.meta
+    assert back.fit.keep_shrink == fitted.fit.keep_shrink
     # stats without a fit still load, and say so when an adaptive option needs one
     plain = random_stats(model)
     plain.save(tmp_path / "plain.safetensors")
     assert gk.GlobalStats.load(tmp_path / "plain.safetensors").fit is None
+
+
+def test_fit_file_from_before_the_share_loads_with_the_whole_reallocation(model, fitted, tmp_path):
+    """Files written before fit.keep_shrink existed apply the loss curves' allocation in full, as
+    they did when they were written."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    p = tmp_path / "s.safetensors"
+    fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=0.25)).save(p)
+    with safe_open(str(p), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(p))
+    del tensors["fit.keep_shrink"]
+    header.pop("checksum")
+    save_file(tensors, str(p), metadata=header)
+    back = gk.GlobalStats.load(p, model=model)
+    assert back.fit.keep_shrink == 1.0 and back.fit.tau == fitted.fit.tau
 
 
 def test_partial_fit_in_file_is_rejected(model, fitted, tmp_path):
@@ -241,6 +289,11 @@ def test_fit_selection_on_a_tiny_model(model, fitted):
     assert all(t in A.TAU_GRID for t in [fit.tau] + fit.layer_tau)
     assert torch.all(fit.layer_loss[:, 1:] <= fit.layer_loss[:, :-1] + 1e-12)  # non-increasing in keep
     assert fit.meta["prompts"] == 8 and fit.meta["sensitivity_prompts"] >= 4
+    shrink_kl = fit.meta["keep_shrink_kl"]
+    assert set(shrink_kl) == {f"{a:g}" for a in A.SHRINK_GRID}
+    assert fit.keep_shrink == min(A.SHRINK_GRID, key=lambda a: (shrink_kl[f"{a:g}"], a))
+    # share 0 is the uniform split at the shared tau, which the tau search scored on the same tokens
+    assert shrink_kl["0"] == pytest.approx(fit.meta["tau_kl"][f"{fit.tau:g}"], rel=1e-6)
     with pytest.raises(ValueError, match="at least one prompt"):
         gk.fit_selection(model, _Tok(), random_stats(model), prompts=[], progress=False)
 

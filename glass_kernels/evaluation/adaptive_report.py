@@ -12,7 +12,7 @@ __all__ = ["adaptive_markdown", "plot_adaptive", "adaptive_verdict", "TARGET_GAI
 TARGET_GAIN = 0.10
 WORST_BUCKET = 0.02
 
-NEW = ("length", "layer", "length+keep", "layer+keep")
+NEW = ("length", "layer", "length+keep", "layer+keep", "length+keep-all")
 
 
 def _f(x, nd=3) -> str:
@@ -29,7 +29,7 @@ def _lam(tau: float, n: int) -> float:
 
 def adaptive_verdict(summary: dict) -> str:
     """One line per (variant, keep): the best new option against the best single lambda."""
-    best_new = min(NEW, key=lambda n: summary["options"][n]["mean_kl"])
+    best_new = min((n for n in NEW if n in summary["options"]), key=lambda n: summary["options"][n]["mean_kl"])
     o = summary["options"][best_new]
     ok = o["vs_best_single"] <= -TARGET_GAIN and o["worst_bucket_vs_best_single"] <= WORST_BUCKET
     return (f"best new option {best_new}: {_pct(o['vs_best_single'])} mean KL vs the best single lambda "
@@ -55,7 +55,7 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
          f"{a['tune_prompts']} tune prompts x {len(a['buckets'])} lengths); each bucket prepends that many tokens of "
          "other prompts. Options: griffin (lambda 0), lam=x (one lambda), length (lambda = tau / (tau + n), n "
          "= prompt tokens), layer (one tau per layer), +keep (per-layer keep from the fit, the same FFN bytes "
-         "per token). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
+         "per token, applied by the fitted share of the reallocation; +keep-all: all of it). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
          "chosen in hindsight on these held-out prompts (the strictest comparison). Variants: template = the "
          "chat template as shipped; no-system = an empty system turn instead of the template's default "
          "system prompt." + ("" if chat_template else " This model has no chat template: its prompts are the raw "
@@ -66,7 +66,8 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
         L += [f"### Statistics: {source} ({st.get('num_sequences')} x {st.get('seq_len')} tokens NPS, "
               f"{st.get('num_tokens')} tokens)", "",
               f"Fitted tau {tau:g} (lambda {_lam(tau, 40):.2f} at 40 prompt tokens, {_lam(tau, 300):.2f} at 300); "
-              "per layer: " + ", ".join(f"{float(t):.0f}" for t in fit["layer_tau"]) + f". Fit time {fit['meta'].get('seconds')} s.", ""]
+              "per layer: " + ", ".join(f"{float(t):.0f}" for t in fit["layer_tau"]) + f". {_share_line(fit)}"
+              f"Fit time {fit['meta'].get('seconds')} s.", ""]
         for key, summ in src["summary"].items():
             variant, keep = key.split("@")
             rows = [r for r in src["rows"] if r["variant"] == variant]
@@ -84,6 +85,16 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
             L += ["", adaptive_verdict(summ) + f"; the best single lambda of each bucket would give "
                   f"{_pct(headroom(src, variant, keep))} (the most any lambda-by-length rule can gain here)", ""]
     return L
+
+
+def _share_line(fit: dict) -> str:
+    """The fitted share of the per-layer keep reallocation and the tune KL behind it (fits made
+    before the share existed applied all of it)."""
+    by_share = fit["meta"].get("keep_shrink_kl")
+    if not by_share:
+        return "Per-layer keep: the whole reallocation (no share fitted). "
+    return (f"Per-layer keep: share {fit.get('keep_shrink', 1.0):g} of the reallocation (tune KL by share: "
+            + ", ".join(f"{a} {v:.4f}" for a, v in by_share.items()) + "). ")
 
 
 def plot_adaptive(a: dict, name: str, path: Path) -> Path:

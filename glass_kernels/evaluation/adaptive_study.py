@@ -36,6 +36,7 @@ class Option:
     method: str = "a-glass"
     lam: float | str = 0.75
     keep_split: str = "uniform"
+    keep_share: float | None = None  # share of the fitted reallocation (None: the fit's own)
 
     def config(self, keep: float):
         from ..patch import GlassConfig
@@ -49,13 +50,22 @@ class Option:
     def single_lam(self) -> bool:
         return self.keep_split == "uniform" and not isinstance(self.lam, str)
 
+    def stats(self, fitted):
+        """The statistics this option patches with: ``fitted``, or a copy whose fit applies
+        ``keep_share`` of its per-layer reallocation."""
+        if self.keep_share is None:
+            return fitted
+        return fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=self.keep_share))
+
 
 def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
     out = [Option("griffin", "griffin", 0.0)]
     out += [Option(f"lam={x:g}", "a-glass", float(x)) for x in lams if x > 0]
     out += [Option("length", lam="length"), Option("layer", lam="layer"),
             Option("length+keep", lam="length", keep_split="fitted"),
-            Option("layer+keep", lam="layer", keep_split="fitted")]
+            Option("layer+keep", lam="layer", keep_split="fitted"),
+            # the loss curves' allocation in full, as before the share was fitted
+            Option("length+keep-all", lam="length", keep_split="fitted", keep_share=1.0)]
     return out
 
 
@@ -103,13 +113,14 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
         fit = fitted.fit
         rows = [s.handler.row_elems for s in sites]
         src = {"fit": {"tau": json_float(fit.tau), "layer_tau": [json_float(t) for t in fit.layer_tau], "meta": fit.meta,
+                       "keep_shrink": fit.keep_shrink,
                        "layer_keep": {f"{k:g}": [kk / D for kk, D in zip(fit.layer_k(k, stats.D, rows), stats.D)]
                                       for k in settings.adaptive_keeps}},
                "stats": {k: stats.meta.get(k) for k in ("source", "num_sequences", "seq_len")}
                | {"num_tokens": stats.num_tokens}, "rows": []}
         keeps = settings.adaptive_keeps if source == "nps" else settings.adaptive_keeps[:1]
         vlist = variants if source == "nps" else variants[:1]
-        src["bytes_per_token"] = {f"{o.name}@{k:g}": _ffn_bytes(model, sites, o.config(k), fitted)
+        src["bytes_per_token"] = {f"{o.name}@{k:g}": _ffn_bytes(model, sites, o.config(k), o.stats(fitted))
                                   for o in options for k in keeps}
         for vname, system in vlist:
             for target in settings.adaptive_targets:
@@ -126,7 +137,7 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                     for o in options:
                         for k in keeps:
                             gcfg = o.config(k)
-                            logits = continuation_logits(model, batch, ref, gcfg, fitted)
+                            logits = continuation_logits(model, batch, ref, gcfg, o.stats(fitted))
                             _add(scores[f"{o.name}@{k:g}"], ref, logits, batch)
                             bar(1)
                     del ref
