@@ -229,3 +229,20 @@ def test_engine_settings_that_hide_prompt_tokens_are_refused():
     # keep 1.0 leaves vLLM untouched, so nothing needs refusing
     assert plugin_config.from_vllm(cfg(additional_config={"glass": {"keep": 1.0}},
                                        cache_config=NS(enable_prefix_caching=True))).dense
+
+
+def test_crossover_timing_alternates_and_drops_the_warm_up_round():
+    from glass_kernels.vllm_plugin.state import _interleaved_median_s
+
+    calls, now = [], [0.0]
+    costs = {"kernel": [9.0, 1.0, 3.0, 2.0], "dense": [8.0, 5.0, 4.0, 6.0]}  # first round: warm-up
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            now[0] += costs[name][sum(c == name for c in calls) - 1]
+        return run
+
+    got = _interleaved_median_s([fn("kernel"), fn("dense")], reps=3, clock=lambda: now[0])
+    assert calls == ["kernel", "dense"] * 4
+    assert got == [2.0, 5.0]  # medians of rounds 2-4 only
