@@ -26,13 +26,7 @@ def tables(data: dict) -> str:
         e = b["extra_info"]
         if e.get("impl") in ("stream_sum", "stream_read") and e.get("gbps"):
             stream[e.get("threads")] = max(stream.get(e.get("threads"), 0.0), e["gbps"])
-    # the same bytes read contiguously in one call of the same size (stream_call cases)
-    same_size: dict = {}
-    for b in benches:
-        e = b["extra_info"]
-        if e.get("impl") == "stream_call" and e.get("gbps"):
-            same_size[(e["d"], e["D"], e["dtype"], e["threads"], e["keep"])] = e["gbps"]
-    other = [b for b in benches if b not in decode and b["extra_info"].get("impl") != "stream_call"]
+    other = [b for b in benches if b not in decode]
     lines = []
     if benches:
         ei = benches[0]["extra_info"]
@@ -49,12 +43,9 @@ def tables(data: dict) -> str:
             lines.append(f"Other processes' CPU use during the cases: {min(others):.2f} to {max(others):.2f} cores")
         lines.append("")
     if decode:
-        if same_size:
-            lines += ["% of same-size read: against torch.sum of one contiguous piece of the same bytes, cold "
-                      "(stream_call), what one call of that size can read at best on this machine.", ""]
         lines += ["| d x D | dtype | threads | keep | impl | in flight / prefetch | median ms | GB/s | % of STREAM "
-                  + ("| % of same-size read " if same_size else "") + "| x dense | x compact |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if same_size else "")]
+                  "| x dense | x compact |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in decode:
             e = b["extra_info"]
             sd = e.get("speedup_vs_dense")
@@ -62,13 +53,9 @@ def tables(data: dict) -> str:
             st = stream.get(e["threads"])
             pct = f"{100 * e['gbps'] / st:.0f}%" if st and e.get("gbps") else ""
             fl = f"{e['neurons_in_flight']} / {e['prefetch_neurons']}" if "neurons_in_flight" in e else ""
-            same = ""
-            if same_size:
-                ss = same_size.get((e["d"], e["D"], e["dtype"], e["threads"], e["keep"]))
-                same = f"{100 * e['gbps'] / ss:.0f}% | " if ss and e.get("gbps") and e["impl"] != "dense" else " | "
             lines.append(
                 f"| {e['d']}x{e['D']} | {e['dtype']} | {e['threads']} | {e['keep']} | {e['impl']} | {fl} | "
-                f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} | {same}"
+                f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} | "
                 f"{'' if sd is None else f'{sd:.2f}'} | {'' if sc is None else f'{sc:.2f}'} |")
         lines.append("")
         # per case the faster of the two gathered layouts (what patch's layout="auto" would take)

@@ -15,9 +15,6 @@
              through >= 1 GiB of quantized layers, neurons in flight chosen by a short timing in the
              same run; GB/s counts the quantized bytes read, x dense compares with torch dense fp32
 
-    stream_call  torch.sum over one contiguous piece of a sparse case's bytes, cold: what one call of
-             that size can read at best (small calls pay the memory system's ramp on few bytes)
-
 Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB, and a sparse case cycles
 through ceil(1 / keep) index sets that together cover every neuron (after all layers with one set, all
 layers with the next): the bytes read between two reads of the same row are >= 1 GiB at any keep, so
@@ -320,47 +317,6 @@ def test_stream_bandwidth(benchmark, nt, how):
     benchmark.extra_info.update(machine_info())
     benchmark.extra_info.update(impl=f"stream_{how}", threads=nt, bytes_per_call=GIB,
                                 gbps=round(GIB / t / 1e9, 2))
-    del a
-    gc.collect()
-
-
-def _call_sizes():
-    """(shape, dtype, threads, keep) of the sparse cases below keep 1.0."""
-    shapes, keeps, threads = SHAPES, KEEPS, THREADS
-    if quick_mode():
-        shapes, keeps, threads = [(2048, 8192)], [0.3], [2]
-    return [(shape, dt, nt, keep) for shape in shapes for dt in DTYPES for nt in threads for keep in keeps
-            if keep < 1.0]
-
-
-@pytest.mark.parametrize("call", _call_sizes(), ids=lambda c: f"{c[0][0]}x{c[0][1]}-{c[1]}-t{c[2]}-keep{c[3]}")
-def test_stream_call_size(benchmark, call):
-    """What one call of a sparse case's size can read: torch.sum over one contiguous piece of exactly
-    the bytes that case reads (3 k d elements), the next piece of 1 GiB each call (cold, like the
-    cases). A small call pays the memory system's ramp (first misses, prefetchers starting, threads
-    waking) on few bytes, so on SmolLM2-sized layers even a contiguous read stays well below the
-    1 GiB STREAM figure; kernel_table.py reports each sparse case against this as well."""
-    (d, D), dt_name, nt, keep = call
-    set_threads(nt)
-    k = max(1, int(keep * D))
-    nbytes = 3 * k * d * DTYPES[dt_name].itemsize
-    n = nbytes // 4
-    a = torch.ones(GIB // 4, dtype=torch.float32)
-    pieces = a.numel() // n
-    state = {"i": 0}
-
-    def step():
-        i = state["i"]
-        state["i"] = (i + 1) % pieces
-        return a[i * n:(i + 1) * n].sum()
-
-    for _ in range(pieces):  # warm-up: every piece once (page faults)
-        step()
-    benchmark.pedantic(step, rounds=_rounds(nbytes / 10e9), iterations=1, warmup_rounds=0)
-    t = median_s(benchmark)
-    benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update(impl="stream_call", d=d, D=D, dtype=dt_name, threads=nt, keep=keep,
-                                bytes_per_call=4 * n, gbps=round(4 * n / t / 1e9, 2))
     del a
     gc.collect()
 
