@@ -166,36 +166,33 @@ def test_fit_round_trips_through_the_stats_file(model, fitted, tmp_path):
     assert gk.GlobalStats.load(tmp_path / "plain.safetensors").fit is None
 
 
+def _save_without(stats, path, tensor_name):
+    """Save ``stats`` to ``path``, then rewrite the file without one tensor (and without the checksum,
+    so that the loader judges the contents, not the checksum)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    del tensors[tensor_name]
+    header.pop("checksum")
+    save_file(tensors, str(path), metadata=header)
+
+
 def test_fit_file_from_before_the_share_loads_with_the_whole_reallocation(model, fitted, tmp_path):
     """Files written before fit.keep_shrink existed apply the loss curves' allocation in full, as
     they did when they were written."""
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     p = tmp_path / "s.safetensors"
-    fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=0.25)).save(p)
-    with safe_open(str(p), framework="pt") as f:
-        header = f.metadata()
-    tensors = load_file(str(p))
-    del tensors["fit.keep_shrink"]
-    header.pop("checksum")
-    save_file(tensors, str(p), metadata=header)
+    _save_without(fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=0.25)), p, "fit.keep_shrink")
     back = gk.GlobalStats.load(p, model=model)
     assert back.fit.keep_shrink == 1.0 and back.fit.tau == fitted.fit.tau
 
 
 def test_partial_fit_in_file_is_rejected(model, fitted, tmp_path):
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     p = tmp_path / "s.safetensors"
-    fitted.save(p)
-    with safe_open(str(p), framework="pt") as f:
-        header = f.metadata()
-    tensors = load_file(str(p))
-    del tensors["fit.layer_loss"]
-    header.pop("checksum")
-    save_file(tensors, str(p), metadata=header)
+    _save_without(fitted, p, "fit.layer_loss")
     with pytest.raises(StatsFileError, match="partial selection fit"):
         gk.GlobalStats.load(p)
 
