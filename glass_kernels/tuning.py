@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -137,26 +138,41 @@ def _isa_candidates() -> list[str]:
     return isas or ["scalar"]
 
 
+def interleaved_median_s(fns: Sequence[Callable[[], object]], rounds: int,
+                         before: Callable[[int], object] | None = None,
+                         clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Median seconds of each of ``fns`` over ``rounds`` rounds, the functions alternating within
+    each round so that drift (the host's load, another process starting) hits them alike; a first
+    round (page faults, code, thread wake-up) is run and dropped. ``before(i)``, if given, runs
+    untimed just before ``fns[i]`` (to put its setting in force)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds + 1):
+        for i, (fn, ts) in enumerate(zip(fns, times)):
+            if before is not None:
+                before(i)
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+    return [statistics.median(ts[1:]) for ts in times]
+
+
 def _time_candidates(cands: list[tuple], walk, rounds: int) -> dict[tuple, float]:
     """Median seconds of ``walk(c)`` (one pass over every layer) per candidate (isa, in flight,
-    prefetch, ...), each timed with its setting in force in the core; candidates interleaved round by
-    round so that drift hits all alike, the first round (page faults, code) dropped. The core's ISA
-    and setting are restored afterwards."""
+    prefetch, ...), each timed with its setting in force in the core (interleaved_median_s). The
+    core's ISA and setting are restored afterwards."""
     C = _ext().require()
     saved_isa, saved = C.get_isa(), C.get_decode_tuning()
-    times: dict = {c: [] for c in cands}
+
+    def setting(i: int) -> None:
+        C.set_isa(cands[i][0])
+        C.set_decode_tuning(cands[i][1], cands[i][2])
+
     try:
-        for _ in range(rounds + 1):
-            for c in cands:
-                C.set_isa(c[0])
-                C.set_decode_tuning(c[1], c[2])
-                t0 = time.perf_counter()
-                walk(c)
-                times[c].append(time.perf_counter() - t0)
+        medians = interleaved_median_s([functools.partial(walk, c) for c in cands], rounds, before=setting)
     finally:
         C.set_isa(saved_isa)
         C.set_decode_tuning(*saved)
-    return {c: statistics.median(ts[1:]) for c, ts in times.items()}
+    return dict(zip(cands, medians))
 
 
 def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0.5, rounds: int = 5,

@@ -232,7 +232,7 @@ def test_engine_settings_that_hide_prompt_tokens_are_refused():
 
 
 def test_crossover_timing_alternates_and_drops_the_warm_up_round():
-    from glass_kernels.vllm_plugin.state import _interleaved_median_s
+    from glass_kernels.tuning import interleaved_median_s
 
     calls, now = [], [0.0]
     costs = {"kernel": [9.0, 1.0, 3.0, 2.0], "dense": [8.0, 5.0, 4.0, 6.0]}  # first round: warm-up
@@ -243,6 +243,6 @@ def test_crossover_timing_alternates_and_drops_the_warm_up_round():
             now[0] += costs[name][sum(c == name for c in calls) - 1]
         return run
 
-    got = _interleaved_median_s([fn("kernel"), fn("dense")], reps=3, clock=lambda: now[0])
+    got = interleaved_median_s([fn("kernel"), fn("dense")], rounds=3, clock=lambda: now[0])
     assert calls == ["kernel", "dense"] * 4
     assert got == [2.0, 5.0]  # medians of rounds 2-4 only

@@ -25,8 +25,6 @@ import collections
 import dataclasses
 import functools
 import itertools
-import statistics
-import time
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -34,6 +32,7 @@ import torch
 from .. import ops
 from ..backend import _current as _backend_var
 from ..patch.selection import Selection
+from ..tuning import interleaved_median_s
 
 FINISHED_KEPT = 256  # record_sets: how many finished requests' sets are kept
 _serial = itertools.count()
@@ -283,7 +282,7 @@ class ServingState:
         FFN every row once at GEMM speed: where they cross depends on the machine and on how much
         the sets overlap, so it is measured, on sets this selection makes from random prompt
         statistics (a-/i-glass sets still share the global prior's neurons, as real ones do). The
-        kernel and dense passes alternate, after one warm-up round of each (_interleaved_median_s)."""
+        kernel and dense passes alternate, after one warm-up round of each (tuning.interleaved_median_s)."""
         g = torch.Generator().manual_seed(0)
         for R in rows:
             runs, masked = [], []
@@ -294,7 +293,7 @@ class ServingState:
                 mask = _mask_of(sets, ffn.D, ffn.gate.dtype)
                 runs.append(functools.partial(run, x))
                 masked.append(functools.partial(ffn.dense, x.squeeze(1), mask))
-            kernel, dense = _interleaved_median_s([lambda: [f() for f in runs], lambda: [f() for f in masked]], reps)
+            kernel, dense = interleaved_median_s([lambda: [f() for f in runs], lambda: [f() for f in masked]], reps)
             if dense < kernel:
                 return R
         return None
@@ -431,20 +430,6 @@ def shard_ranks(global_ranks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """tp_selection="per-shard": the global ranks of neurons lo .. hi-1 re-ranked within the shard
     (same order, 1 .. hi - lo), int32."""
     return (global_ranks[lo:hi].argsort().argsort() + 1).to(torch.int32).contiguous()
-
-
-def _interleaved_median_s(fns: Sequence[Callable[[], object]], reps: int,
-                          clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Median seconds of each of ``fns`` over ``reps`` rounds, the functions alternating within each
-    round so that drift (another engine starting, the host's load) hits them alike; a first round
-    (page faults, code, thread wake-up) is run and dropped, as glass_kernels.tuning does."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps + 1):
-        for fn, ts in zip(fns, times):
-            t0 = clock()
-            fn()
-            ts.append(clock() - t0)
-    return [statistics.median(ts[1:]) for ts in times]
 
 
 def _mask_of(sets: Sequence[torch.Tensor], D: int, dtype) -> torch.Tensor:
