@@ -15,12 +15,31 @@ def _fmt_ms(s: float) -> str:
     return f"{s * 1e3:.3f}" if s < 0.1 else f"{s * 1e3:.1f}"
 
 
+def _stream_of(e: dict, run_stream: dict) -> float | None:
+    """The STREAM figure a case is judged against: its own (measured just before and after it,
+    test_kernels.local_stream_gbps), else the run's STREAM test (JSON files from before that)."""
+    return e.get("stream_gbps") or run_stream.get(e.get("threads"))
+
+
+def _drifted(e: dict, limit: float = 0.15) -> bool:
+    """The bandwidth moved by more than ``limit`` between just before and just after the case."""
+    a, b = e.get("stream_before_gbps"), e.get("stream_after_gbps")
+    return bool(a and b) and abs(a - b) / min(a, b) > limit
+
+
+def _pct(e: dict, run_stream: dict) -> str:
+    st = _stream_of(e, run_stream)
+    if not st or not e.get("gbps"):
+        return ""
+    return f"{100 * e['gbps'] / st:.0f}%" + (" ~" if _drifted(e) else "")
+
+
 def tables(data: dict) -> str:
     benches = data.get("benchmarks", [])
     decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse1", "sparse", "bundled",
                                                                     "q8_0", "q4_0")]
-    # the run's STREAM-like read per thread count: each decode case as a fraction of it
-    # (the faster of torch.sum and the plain read probe: the strongest baseline of the run)
+    # the run's STREAM-like read per thread count (the faster of torch.sum and the plain read probe):
+    # the bound of cases that carry no STREAM figure of their own
     stream: dict = {}
     for b in benches:
         e = b["extra_info"]
@@ -41,6 +60,12 @@ def tables(data: dict) -> str:
         others = [b["extra_info"]["other_load_cores"] for b in benches if "other_load_cores" in b["extra_info"]]
         if others:
             lines.append(f"Other processes' CPU use during the cases: {min(others):.2f} to {max(others):.2f} cores")
+        local = [b["extra_info"]["stream_gbps"] for b in decode if b["extra_info"].get("stream_gbps")]
+        if local:
+            drifted = sum(_drifted(b["extra_info"]) for b in decode)
+            lines.append(f"% of STREAM: against the STREAM-like read measured just before and just after each case "
+                         f"(their mean; {min(local):.1f} to {max(local):.1f} GB/s over the run); "
+                         f"{drifted} case(s) marked ~ where it moved by more than 15% across the case")
         lines.append("")
     if decode:
         lines += ["| d x D | dtype | threads | keep | impl | in flight / prefetch | median ms | GB/s | % of STREAM "
@@ -50,8 +75,7 @@ def tables(data: dict) -> str:
             e = b["extra_info"]
             sd = e.get("speedup_vs_dense")
             sc = e.get("speedup_vs_compact")
-            st = stream.get(e["threads"])
-            pct = f"{100 * e['gbps'] / st:.0f}%" if st and e.get("gbps") else ""
+            pct = _pct(e, stream)
             fl = f"{e['neurons_in_flight']} / {e['prefetch_neurons']}" if "neurons_in_flight" in e else ""
             lines.append(
                 f"| {e['d']}x{e['D']} | {e['dtype']} | {e['threads']} | {e['keep']} | {e['impl']} | {fl} | "
@@ -107,8 +131,7 @@ def _quantized_table(decode: list, stream: dict) -> list[str]:
            "| x gathered fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in rows:
         e, t = b["extra_info"], b["stats"]["median"]
-        st = stream.get(e["threads"])
-        pct = f"{100 * e['gbps'] / st:.0f}%" if st and e.get("gbps") else ""
+        pct = _pct(e, stream)
         gathered = [m for m in (median("sparse", "float32", e, e["keep"]), median("bundled", "float32", e, e["keep"]))
                     if m is not None]
         out.append(f"| {e['d']}x{e['D']} | {e['threads']} | {e['keep']} | {e['impl']} | {_fmt_ms(t)} | "
