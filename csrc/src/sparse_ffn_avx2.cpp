@@ -108,18 +108,9 @@ static void cvt_from_f32(const float* src, f16_t* dst, int64_t n) {
 #include "neuron_groups.inc"
 #include "ffn_driver.inc"
 
-static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
-static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
-static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
-
 }  // namespace
 
-extern const FfnTable kTable = {
-    {ffn_f32, ffn_f16, ffn_bf16},
-    {"f32_sparse_ffn__avx2", "f16_sparse_ffn__avx2", "bf16_sparse_ffn__avx2"},
-    {"f32_sparse_mlp__avx2", "f16_sparse_mlp__avx2", "bf16_sparse_mlp__avx2"},
-    GLASS_QUANT_TABLE("avx2"),
-};
+extern const FfnTable kTable = GLASS_FFN_TABLE("avx2");
 
 }  // namespace avx2
 }  // namespace glass

@@ -84,18 +84,9 @@ static void cvt_from_f32(const float* src, W* dst, int64_t n) {
 #include "neuron_groups.inc"
 #include "ffn_driver.inc"
 
-static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
-static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
-static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
-
 }  // namespace
 
-extern const FfnTable kTable = {
-    {ffn_f32, ffn_f16, ffn_bf16},
-    {"f32_sparse_ffn__neon", "f16_sparse_ffn__neon", "bf16_sparse_ffn__neon"},
-    {"f32_sparse_mlp__neon", "f16_sparse_mlp__neon", "bf16_sparse_mlp__neon"},
-    GLASS_QUANT_TABLE("neon"),
-};
+extern const FfnTable kTable = GLASS_FFN_TABLE("neon");
 
 }  // namespace neon
 }  // namespace glass

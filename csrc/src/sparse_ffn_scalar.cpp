@@ -86,18 +86,9 @@ static void axpy_tile(const W* w, const float* h, int nt, float* acc, int64_t ld
 #include "neuron_groups.inc"
 #include "ffn_driver.inc"
 
-static void ffn_f32(const FfnArgs& a) { ffn_driver<float>(a); }
-static void ffn_f16(const FfnArgs& a) { ffn_driver<f16_t>(a); }
-static void ffn_bf16(const FfnArgs& a) { ffn_driver<bf16_t>(a); }
-
 }  // namespace
 
-extern const FfnTable kTable = {
-    {ffn_f32, ffn_f16, ffn_bf16},
-    {"f32_sparse_ffn__scalar", "f16_sparse_ffn__scalar", "bf16_sparse_ffn__scalar"},
-    {"f32_sparse_mlp__scalar", "f16_sparse_mlp__scalar", "bf16_sparse_mlp__scalar"},
-    GLASS_QUANT_TABLE("scalar"),
-};
+extern const FfnTable kTable = GLASS_FFN_TABLE("scalar");
 
 }  // namespace scalar
 }  // namespace glass
