@@ -216,3 +216,68 @@ def test_relaid_weights_are_advised_huge_pages(monkeypatch):
     rows = [torch.randn(300, 40) for _ in range(3)]
     views = layout.bundled_views(rows)
     assert all(torch.equal(v, r) for v, r in zip(views, rows))
+
+
+def _advised_ranges(monkeypatch):
+    """Record the ranges given to madvise (no real advice is given)."""
+    from glass_kernels.ffn import layout
+
+    calls = []
+    monkeypatch.setattr(layout, "_libc_madvise", lambda: (lambda a, n, adv: calls.append((a, a + n)) or 0))
+    return calls
+
+
+def _advised(t: torch.Tensor, calls) -> bool:
+    """Whether advised ranges cover most of the memory t's elements span (a block's whole 2 MiB
+    pages are advised, so its first and last partial pages are not; a bundled view spans its block)."""
+    lo = t.data_ptr()
+    hi = lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+    covered = sum(max(0, min(b, hi) - max(a, lo)) for a, b in calls)
+    return covered >= 0.5 * (hi - lo)
+
+
+@pytest.mark.parametrize("layout_name", ["separate", "bundled"])
+def test_every_ffn_weight_the_kernel_reads_is_advised_huge_pages(monkeypatch, layout_name):
+    """W_gate and W_up (already neuron-major, left in place by the relayout) move into advised memory
+    too, in either layout; the dense model's values and layout come back bit for bit on unpatch."""
+    calls = _advised_ranges(monkeypatch)
+    # 4 MiB per weight: large enough to hold whole huge pages
+    model = tm.build("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=1)
+    snap = _snapshot(model)
+    patch(model, method="griffin", keep=0.5, layout=layout_name, tune=False)
+    sites = find_ffn_sites(model)
+    for w in sites[0].handler.weights(sites[0].module):
+        assert _advised(w, calls), "a weight the kernel reads is not in huge-page-advised memory"
+    unpatch(model)
+    assert _same_storage_as(model, snap)
+
+
+def test_separate_after_bundle_stays_in_advised_memory(monkeypatch):
+    """Tuning may time the bundled layout and then settle on the separate one: the rows it
+    separates again keep the huge-page advice."""
+    from glass_kernels.ffn import layout
+
+    calls = _advised_ranges(monkeypatch)
+    lin = [torch.nn.Parameter(torch.randn(2048, 512)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(512, 2048))]
+    values = [p.detach().clone() for p in lin]
+    params = [(lin[0], False), (lin[1], False), (lin[2], True)]
+    layout.bundle(params)
+    calls.clear()
+    layout.separate(params)
+    assert all(torch.equal(p, v) for p, v in zip(lin, values))
+    assert lin[0].is_contiguous() and lin[1].is_contiguous() and lin[2].t().is_contiguous()
+    assert all(_advised(p.data, calls) for p in lin)
+
+
+def test_to_huge_pages_leaves_small_or_strided_weights_alone(monkeypatch):
+    from glass_kernels.ffn import layout
+
+    calls = _advised_ranges(monkeypatch)
+    small = torch.nn.Parameter(torch.randn(64, 64))
+    strided = torch.nn.Parameter(torch.randn(2048, 1024).t())
+    before = (small.data_ptr(), strided.data_ptr())
+    assert not layout.to_huge_pages(small) and not layout.to_huge_pages(strided)
+    assert (small.data_ptr(), strided.data_ptr()) == before and not calls
+    big = torch.nn.Parameter(torch.randn(1024, 2048))
+    v = big.detach().clone()
+    assert layout.to_huge_pages(big) and torch.equal(big, v) and _advised(big.data, calls)

@@ -137,6 +137,8 @@ def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
     try:
         for site in sites:
             relaid.append(site.handler.relayout(site.module))
+            if state.config.weights is None:  # (quantized rows replace the float weights anyway)
+                _rest_to_huge_pages(site, relaid[-1])
             glass = GlassFFN(site, state)
             parent_name, attr = site.parent_and_attr
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -150,6 +152,18 @@ def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
                 restore_row_major(p)
         raise
     return installed, relaid
+
+
+def _rest_to_huge_pages(site, relaid) -> None:
+    """The FFN's weights the relayout left where the model loaded them (already neuron-major, such as
+    W_gate and W_up) move into huge-page-advised memory as the relaid ones are (ffn.layout
+    .to_huge_pages: same layout and values, so unpatch has nothing to undo)."""
+    from ..ffn.layout import to_huge_pages
+
+    moved = {id(p) for p in relaid}
+    for p in site.handler.weight_params(site.module):
+        if id(p) not in moved:
+            to_huge_pages(p)
 
 
 def _choose_layout(sites, installed, relaid, state: GlassState, config: GlassConfig) -> None:

@@ -146,6 +146,9 @@ def _keep_plain_weight(layer) -> None:
         make_neuron_major(w)
         layer.cpu_linear = _linear_on_transposed
     else:
+        from ..ffn.layout import to_huge_pages
+
+        to_huge_pages(w)  # the gathered rows' pages, as for W_down (same layout and values)
         layer.cpu_linear = torch.nn.functional.linear
 
 
