@@ -16,6 +16,7 @@ and the names backed by transformers-facing modules (patch, calibrate, ...) are 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from . import backend, ops, quant
 
@@ -41,6 +42,12 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module 'glass_kernels' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
+    if name == "patch":
+        # the callable package itself (glass_kernels/patch/__init__.py), never the bare function:
+        # the import system binds the package to this name whenever it is imported, so caching the
+        # function here would make `import glass_kernels.patch as p` give the package or the
+        # function depending on which import ran first
+        value = sys.modules[module]
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
 

@@ -160,3 +160,21 @@ def test_stats_calibrate_now():
     unpatch(model)
     want = calibrate(model, _Tok(), **opts).ranks("activation")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("first", ["from glass_kernels import patch",
+                                   "import glass_kernels; glass_kernels.patch",
+                                   "import glass_kernels.patch"])
+def test_patch_package_is_the_same_in_any_import_order(first):
+    """`import glass_kernels.patch as gp` gives the package (gp.session, gp.find_ffn_sites, ...) and
+    glass_kernels.patch(model) patches, whichever import ran first (a fresh interpreter each)."""
+    import subprocess
+    import sys
+
+    code = (f"{first}\nimport glass_kernels\nimport glass_kernels.patch as gp\n"
+            "from glass_kernels import patch\n"
+            "assert gp is patch is glass_kernels.patch, (gp, patch, glass_kernels.patch)\n"
+            "assert callable(gp) and gp.session and gp.find_ffn_sites and gp.unpatch\n"
+            "assert 'Patch ``model``' in (gp.__call__.__doc__ or '')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

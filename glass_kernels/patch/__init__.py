@@ -47,5 +47,7 @@ class _CallablePackage(_types.ModuleType):
     def __call__(self, model, config=None, stats=None, **kwargs):
         return patch(model, config, stats, **kwargs)
 
+    __call__.__doc__ = patch.__doc__  # help(glass_kernels.patch) shows the function's documentation
+
 
 _sys.modules[__name__].__class__ = _CallablePackage
