@@ -27,6 +27,18 @@ def _flow(model, prompt, cont, step):
     return torch.cat([a.logits, b.logits, c.logits], dim=1)
 
 
+def _masked_flow(model, sets, prompt, cont, step):
+    """_flow on the unpatched ``model`` with only ``sets`` active after the prompt (NeuronMask): the
+    reference a patched model's _flow must match."""
+    with tm.NeuronMask(model, sets) as nm:
+        with torch.no_grad():
+            a = model(prompt, use_cache=True)
+            nm.active = True
+            b = model(cont, **cache_kwargs(model, output_cache(a)), use_cache=True)
+            c = model(step, **cache_kwargs(model, output_cache(b)), use_cache=True)
+    return torch.cat([a.logits, b.logits, c.logits], dim=1)
+
+
 def _inputs(B=2):
     return _ids(1, B, 7), _ids(2, B, 3), _ids(3, B, 1)
 
@@ -81,17 +93,8 @@ def test_sparse_matches_masked_reference(family, method):
     assert not torch.equal(sets[0][0], sets[0][1]), "two different prompts should get different sets"
     unpatch(model)
 
-    def masked(m):
-        with tm.NeuronMask(m, sets) as nm:
-            with torch.no_grad():
-                a = m(prompt, use_cache=True)
-                nm.active = True
-                b = m(cont, **cache_kwargs(m, output_cache(a)), use_cache=True)
-                c = m(step, **cache_kwargs(m, output_cache(b)), use_cache=True)
-        return torch.cat([a.logits, b.logits, c.logits], dim=1)
-
-    ref = masked(model)
-    oracle = masked(tm.build(family, dtype=torch.float64))
+    ref = _masked_flow(model, sets, prompt, cont, step)
+    oracle = _masked_flow(tm.build(family, dtype=torch.float64), sets, prompt, cont, step)
     tm.assert_close_to_oracle(got, ref, oracle, f"{family}/{method}")
     # sparsity really changed the output (the test would be vacuous otherwise)
     assert (ref[:, 7:] - _flow(model, prompt, cont, step)[:, 7:]).abs().max() > 1e-3
@@ -106,17 +109,9 @@ def test_sparse_bf16(family):
     sets = session(model).neurons()
     unpatch(model)
 
-    def masked(m):
-        with tm.NeuronMask(m, sets) as nm:
-            with torch.no_grad():
-                a = m(prompt, use_cache=True)
-                nm.active = True
-                b = m(cont, **cache_kwargs(m, output_cache(a)), use_cache=True)
-                c = m(step, **cache_kwargs(m, output_cache(b)), use_cache=True)
-        return torch.cat([a.logits, b.logits, c.logits], dim=1)
-
     # Only the decode positions: the prompt's h (hence the sets) can differ from fp64's.
-    ref, oracle = masked(model)[:, 7:], masked(tm.build(family, dtype=torch.float64))[:, 7:]
+    ref = _masked_flow(model, sets, prompt, cont, step)[:, 7:]
+    oracle = _masked_flow(tm.build(family, dtype=torch.float64), sets, prompt, cont, step)[:, 7:]
     tm.assert_close_to_oracle(got[:, 7:], ref, oracle, f"{family}/bf16")
 
 
