@@ -15,9 +15,9 @@
              through >= 1 GiB of quantized layers, neurons in flight chosen by a short timing in the
              same run; GB/s counts the quantized bytes read, x dense compares with torch dense fp32
 
-The sparse operands sit in memory allocated as `patch` allocates it (glass_kernels.ffn.layout
-.empty_huge_pages: advised as transparent huge pages on Linux), the neuron-major W_down, the bundled
-block and the quantized block; the torch baselines read plain tensors, as an unpatched model does.
+Every weight tensor here, the torch baselines' included, sits in memory advised as transparent huge
+pages (glass_kernels.ffn.layout.empty_huge_pages, as `patch` allocates the rows its kernel reads):
+the baselines get the same memory as the kernel, so that they stay the strongest of their kind.
 
 Each call uses the next of L distinct layers, L * layer bytes >= 1 GiB, and a sparse case cycles
 through ceil(1 / keep) index sets that together cover every neuron (after all layers with one set, all
@@ -31,11 +31,11 @@ neuron_stats at D = 14336, T = 32 against the dense FFN prefill of those 32 toke
     GLASS_BENCH_QUICK=1 pytest benchmarks/test_kernels.py                # subset (about 1 min)
     python benchmarks/kernel_table.py kernels.json                        # README table
 
-Memory bandwidth on a shared machine moves by tens of percent within minutes (a VM measured here
-read 28 GB/s in one case and 17.8 GB/s in the run's STREAM test five minutes later), so each decode
-case also measures the STREAM-like read just before and just after itself (extra_info stream_gbps:
-their mean, with both values kept), and kernel_table.py reports "% of STREAM" against that local
-figure: a case and its bound, minutes apart at most seconds.
+Memory bandwidth on a shared machine moves by tens of percent within minutes, so each decode case
+also measures the STREAM-like read just before and just after itself (extra_info stream_gbps: their
+mean, with both values kept), and kernel_table.py reports "% of STREAM" against that local figure:
+a case and its bound, seconds apart instead of minutes. The STREAM buffer sits in huge-page-advised
+memory like the weights (_stream_gib).
 
 Nothing here asserts a timing. extra_info of every case: GB/s (bytes the case must read / median
 time), ratios to dense and to compact of the same run, the local STREAM figure, machine, ISA, kernel,
@@ -104,10 +104,10 @@ class Layers:
         g = torch.Generator().manual_seed(0)
         self.layers = []
         for _ in range(self.L):
-            wg = (torch.randn(D, d, generator=g) / d**0.5).to(dtype)
-            wu = (torch.randn(D, d, generator=g) / d**0.5).to(dtype)
-            wd = (torch.randn(d, D, generator=g) / D**0.5).to(dtype)
-            self.layers.append((wg, wu, wd, _as_patch_allocates(wd.t())))
+            wg = _in_huge_pages((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
+            wu = _in_huge_pages((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
+            wd = _in_huge_pages((torch.randn(d, D, generator=g) / D**0.5).to(dtype))
+            self.layers.append((wg, wu, wd, _in_huge_pages(wd.t())))
         self.x = torch.randn(1, 1, d, generator=g).to(dtype)
         self.i = 0
         self._bundled = None
@@ -123,10 +123,10 @@ class Layers:
         if self._quantized.get(wtype) is None:
             self._quantized.clear()
             gc.collect()
-            one = [_as_patch_allocates(torch.stack([quant.quantize(w, wtype) for w in (wg, wu, wdt)], dim=1))
+            one = [_in_huge_pages(torch.stack([quant.quantize(w, wtype) for w in (wg, wu, wdt)], dim=1))
                    for wg, wu, _, wdt in self.layers]
             n = max(2, -(-GIB // one[0].numel()))
-            blocks = [one[i] if i < len(one) else _as_patch_allocates(one[i % len(one)]) for i in range(n)]
+            blocks = [one[i] if i < len(one) else _in_huge_pages(one[i % len(one)]) for i in range(n)]
             self._quantized[wtype] = [tuple(b[:, j] for j in range(3)) for b in blocks]
         return self._quantized[wtype]
 
@@ -137,10 +137,9 @@ class Layers:
         return self._bundled
 
 
-def _as_patch_allocates(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` in memory allocated as patch allocates relaid weights
-    (empty_huge_pages: a selected neuron's rows then rarely cross a page; the patch's quantized
-    blocks and neuron-major W_down get the same advice)."""
+def _in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` in memory advised as huge pages, as patch allocates the rows its
+    kernel reads (empty_huge_pages: a selected neuron's rows then rarely cross a 4 KiB page)."""
     out = empty_huge_pages(tuple(t.shape), t.dtype, t.device)
     return out.copy_(t)
 
@@ -184,10 +183,12 @@ _stream_buffer: torch.Tensor | None = None
 
 
 def _stream_gib() -> torch.Tensor:
-    """1 GiB of fp32 ones for the STREAM-like reads (allocated once, kept for the session)."""
+    """1 GiB of fp32 ones for the STREAM-like reads (allocated once, kept for the session), in
+    huge-page-advised memory like the weights: the bound must read pages of the same size (on the
+    Xeon VM, 2026-12-06 evening, torch.sum read 19.5 GB/s from 4 KiB pages and 28.1 from huge pages)."""
     global _stream_buffer
     if _stream_buffer is None:
-        _stream_buffer = torch.ones(GIB // 4, dtype=torch.float32)
+        _stream_buffer = empty_huge_pages((GIB // 4,), torch.float32, "cpu").fill_(1.0)
     return _stream_buffer
 
 
@@ -275,7 +276,7 @@ def test_decode_ffn(benchmark, results, case):
             wg, wu, wd, _ = lay.next()
             return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
     elif impl == "compact":  # one copy per (layer, set): about the layers' bytes again
-        copies = [[(wg[il].contiguous(), wu[il].contiguous(), wd[:, il].contiguous())
+        copies = [[(_in_huge_pages(wg[il]), _in_huge_pages(wu[il]), _in_huge_pages(wd[:, il]))
                    for il in (ix.long() for ix in sets)] for wg, wu, wd, _ in lay.layers]
         cycle = _Cycle(len(copies), len(sets))
 
