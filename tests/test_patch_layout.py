@@ -248,8 +248,13 @@ def test_every_ffn_weight_the_kernel_reads_is_advised_huge_pages(monkeypatch, la
     sites = find_ffn_sites(model)
     for w in sites[0].handler.weights(sites[0].module):
         assert _advised(w, calls), "a weight the kernel reads is not in huge-page-advised memory"
+    calls.clear()
     unpatch(model)
     assert _same_storage_as(model, snap)
+    # the relaid weights come back in advised memory too: the model's pages keep their size
+    mlp = model.model.layers[0].mlp
+    relaid = [mlp.down_proj.weight] + ([mlp.gate_proj.weight, mlp.up_proj.weight] if layout_name == "bundled" else [])
+    assert all(_advised(p.data, calls) for p in relaid)
 
 
 def test_separate_after_bundle_stays_in_advised_memory(monkeypatch):

@@ -163,9 +163,14 @@ def is_bundled(params: Sequence[tuple[nn.Parameter, bool]]) -> bool:
 
 
 def restore(param: nn.Parameter) -> None:
-    """A contiguous tensor again (the original layout of a transformers parameter), same values."""
+    """A contiguous tensor again (the original layout of a transformers parameter), same values; a
+    large CPU one in huge-page-advised memory, as the rest of the FFN's weights are after patch (so
+    the model's pages do not change size between patch and unpatch)."""
+    t = param.data
+    if t.is_contiguous():
+        return
     with torch.no_grad():
-        param.data = param.data.contiguous()
+        param.data = empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
 @contextlib.contextmanager
