@@ -54,7 +54,7 @@ from conftest import machine_info, median_s, quick_mode, set_threads
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
 from glass_kernels import _ext, tuning  # noqa: E402
 from glass_kernels import quant  # noqa: E402
-from glass_kernels.ffn.layout import bundled_views, empty_huge_pages  # noqa: E402
+from glass_kernels.ffn.layout import bundled_views, empty_huge_pages, huge_pages_copy  # noqa: E402
 
 _ext.load()  # the library's threading choice (torch's OpenMP team where shared), as in a patched model
 DEFAULT_TUNING = _C.get_decode_tuning()
@@ -104,10 +104,10 @@ class Layers:
         g = torch.Generator().manual_seed(0)
         self.layers = []
         for _ in range(self.L):
-            wg = _in_huge_pages((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
-            wu = _in_huge_pages((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
-            wd = _in_huge_pages((torch.randn(d, D, generator=g) / D**0.5).to(dtype))
-            self.layers.append((wg, wu, wd, _in_huge_pages(wd.t())))
+            wg = huge_pages_copy((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
+            wu = huge_pages_copy((torch.randn(D, d, generator=g) / d**0.5).to(dtype))
+            wd = huge_pages_copy((torch.randn(d, D, generator=g) / D**0.5).to(dtype))
+            self.layers.append((wg, wu, wd, huge_pages_copy(wd.t())))
         self.x = torch.randn(1, 1, d, generator=g).to(dtype)
         self.i = 0
         self._bundled = None
@@ -123,10 +123,10 @@ class Layers:
         if self._quantized.get(wtype) is None:
             self._quantized.clear()
             gc.collect()
-            one = [_in_huge_pages(torch.stack([quant.quantize(w, wtype) for w in (wg, wu, wdt)], dim=1))
+            one = [huge_pages_copy(torch.stack([quant.quantize(w, wtype) for w in (wg, wu, wdt)], dim=1))
                    for wg, wu, _, wdt in self.layers]
             n = max(2, -(-GIB // one[0].numel()))
-            blocks = [one[i] if i < len(one) else _in_huge_pages(one[i % len(one)]) for i in range(n)]
+            blocks = [one[i] if i < len(one) else huge_pages_copy(one[i % len(one)]) for i in range(n)]
             self._quantized[wtype] = [tuple(b[:, j] for j in range(3)) for b in blocks]
         return self._quantized[wtype]
 
@@ -135,13 +135,6 @@ class Layers:
         if self._bundled is None:
             self._bundled = [bundled_views([wg, wu, wdt]) for wg, wu, _, wdt in self.layers]
         return self._bundled
-
-
-def _in_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` in memory advised as huge pages, as patch allocates the rows its
-    kernel reads (empty_huge_pages: a selected neuron's rows then rarely cross a 4 KiB page)."""
-    out = empty_huge_pages(tuple(t.shape), t.dtype, t.device)
-    return out.copy_(t)
 
 
 _layers_cache: dict = {}
@@ -276,7 +269,7 @@ def test_decode_ffn(benchmark, results, case):
             wg, wu, wd, _ = lay.next()
             return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
     elif impl == "compact":  # one copy per (layer, set): about the layers' bytes again
-        copies = [[(_in_huge_pages(wg[il]), _in_huge_pages(wu[il]), _in_huge_pages(wd[:, il]))
+        copies = [[(huge_pages_copy(wg[il]), huge_pages_copy(wu[il]), huge_pages_copy(wd[:, il]))
                    for il in (ix.long() for ix in sets)] for wg, wu, wd, _ in lay.layers]
         cycle = _Cycle(len(copies), len(sets))
 

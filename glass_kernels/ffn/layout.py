@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["bundle", "bundled_views", "contiguous_params", "is_bundled", "make_neuron_major", "restore",
-           "separate", "to_huge_pages"]
+           "huge_pages_copy", "separate", "to_huge_pages"]
 
 
 _HUGE_PAGE = 2 << 20
@@ -54,6 +54,12 @@ def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if end > start:
         _libc_madvise()(start, end - start, _MADV_HUGEPAGE)
     return t
+
+
+def huge_pages_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` (same shape, dtype, device and values) in memory from
+    ``empty_huge_pages``: how every relaid or moved FFN weight gets its storage."""
+    return empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
 _madvise = None
@@ -92,7 +98,7 @@ def to_huge_pages(param: nn.Parameter) -> bool:
             or not _libc_madvise():
         return False
     with torch.no_grad():
-        param.data = empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
+        param.data = huge_pages_copy(t)
     return True
 
 
@@ -105,9 +111,7 @@ def make_neuron_major(param: nn.Parameter) -> bool:
     if param.dim() != 2 or param.t().is_contiguous():
         return False
     with torch.no_grad():
-        rows = empty_huge_pages(tuple(reversed(param.shape)), param.dtype, param.device)
-        rows.copy_(param.data.t())
-        param.data = rows.t()
+        param.data = huge_pages_copy(param.data.t()).t()
     return True
 
 
@@ -148,8 +152,7 @@ def separate(params: Sequence[tuple[nn.Parameter, bool]]) -> list[nn.Parameter]:
     as huge pages as the relayout gives it. Returns the parameters."""
     with torch.no_grad():
         for p, col in params:
-            rows = _rows(p.data, col)
-            p.data = _rows(empty_huge_pages(tuple(rows.shape), rows.dtype, rows.device).copy_(rows), col)
+            p.data = _rows(huge_pages_copy(_rows(p.data, col)), col)
     return [p for p, _ in params]
 
 
@@ -170,7 +173,7 @@ def restore(param: nn.Parameter) -> None:
     if t.is_contiguous():
         return
     with torch.no_grad():
-        param.data = empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
+        param.data = huge_pages_copy(t)
 
 
 @contextlib.contextmanager
