@@ -227,13 +227,46 @@ def _advised_ranges(monkeypatch):
     return calls
 
 
-def _advised(t: torch.Tensor, calls) -> bool:
-    """Whether advised ranges cover most of the memory t's elements span (a block's whole 2 MiB
-    pages are advised, so its first and last partial pages are not; a bundled view spans its block)."""
+def _advised(t: torch.Tensor, calls, share: float = 0.5) -> bool:
+    """Whether advised ranges cover at least ``share`` of the memory t's elements span (whole 2 MiB
+    pages are advised, so a partial last page may not be; a bundled view spans its block)."""
     lo = t.data_ptr()
     hi = lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
     covered = sum(max(0, min(b, hi) - max(a, lo)) for a, b in calls)
-    return covered >= 0.5 * (hi - lo)
+    return covered >= share * (hi - lo)
+
+
+@pytest.mark.parametrize("mib, advised_mib", [(3, 2), (39, 40), (2, 2)])
+def test_huge_page_tensors_start_on_a_huge_page(monkeypatch, mib, advised_mib):
+    """A tensor of >= 2 MiB starts on a 2 MiB boundary (the advice takes only whole aligned pages:
+    a 3 MiB tensor used to get none); the advice runs to its end rounded up where that backs at most
+    1/16 more memory (39 -> 40 MiB), else down (3 -> 2 MiB)."""
+    from glass_kernels.ffn import layout
+
+    calls = []
+    monkeypatch.setattr(layout, "_libc_madvise", lambda: (lambda a, n, adv: calls.append((a, n)) or 0))
+    t = layout.empty_huge_pages((mib << 18,), torch.float32, "cpu")
+    (a, n), = calls
+    assert a == t.data_ptr() and a % (2 << 20) == 0 and n == advised_mib << 20
+    assert t.untyped_storage().nbytes() >= (max(mib, advised_mib) << 20)  # the advised range is inside it
+    t.fill_(1.5)
+    assert t.shape == (mib << 18,) and float(t.sum()) == 1.5 * (mib << 18)
+
+
+def test_a_small_model_layer_fills_whole_huge_pages(monkeypatch):
+    """SmolLM2's operands are 3.4 MiB each: one allocation per layer gives each of them huge pages
+    almost entirely (each in its own allocation, 41% of every operand would stay in 4 KiB pages)."""
+    from glass_kernels.ffn import layout
+
+    calls = _advised_ranges(monkeypatch)
+    w = [torch.nn.Parameter(torch.randn(1536, 576)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(1536, 576).t())]
+    values = [p.detach().clone() for p in w]
+    assert layout.pack_huge_pages(w)
+    assert all(torch.equal(p, v) for p, v in zip(w, values))
+    assert w[0].is_contiguous() and w[1].is_contiguous() and w[2].t().is_contiguous()  # layouts kept
+    assert len({p.untyped_storage().data_ptr() for p in w}) == 1 and len(calls) == 1
+    assert all(_advised(p.data, calls, share=0.9) for p in w)
+    assert not layout.pack_huge_pages([torch.nn.Parameter(torch.randn(64, 64))])  # too small: stays
 
 
 @pytest.mark.parametrize("layout_name", ["separate", "bundled"])
@@ -248,13 +281,16 @@ def test_every_ffn_weight_the_kernel_reads_is_advised_huge_pages(monkeypatch, la
     sites = find_ffn_sites(model)
     for w in sites[0].handler.weights(sites[0].module):
         assert _advised(w, calls), "a weight the kernel reads is not in huge-page-advised memory"
+    assert len({w.untyped_storage().data_ptr() for w in sites[0].handler.weights(sites[0].module)}) == 1
     calls.clear()
     unpatch(model)
     assert _same_storage_as(model, snap)
-    # the relaid weights come back in advised memory too: the model's pages keep their size
+    # the layer's weights come back in advised memory too, in one allocation (the model's pages keep
+    # their size, and nothing of the patched storage outlives it)
     mlp = model.model.layers[0].mlp
-    relaid = [mlp.down_proj.weight] + ([mlp.gate_proj.weight, mlp.up_proj.weight] if layout_name == "bundled" else [])
-    assert all(_advised(p.data, calls) for p in relaid)
+    restored = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    assert all(_advised(p.data, calls) for p in restored)
+    assert len({p.untyped_storage().data_ptr() for p in restored}) == 1
 
 
 def test_separate_after_bundle_stays_in_advised_memory(monkeypatch):

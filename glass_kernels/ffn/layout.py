@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["bundle", "bundled_views", "contiguous_params", "is_bundled", "make_neuron_major", "restore",
-           "huge_pages_copy", "separate", "to_huge_pages"]
+           "restore_layer", "huge_pages_copy", "pack_huge_pages", "separate", "to_huge_pages"]
 
 
 _HUGE_PAGE = 2 << 20
@@ -36,30 +36,89 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty`` whose pages are asked to be transparent huge pages (Linux, CPU, >= 4 MiB),
+    """``torch.empty`` whose pages are asked to be transparent huge pages (Linux, CPU, >= 2 MiB),
     before anything touches them.
 
     Why: a sparse decode step reads a few KiB per selected neuron at scattered addresses; with 4 KiB
     pages each such read starts a new page for the hardware prefetcher (and the TLB). On the Xeon VM
-    (THP in "madvise" mode, so only advised memory gets huge pages) cold sparse reads of bundled
-    2048x8192 rows at keep 0.5 went from 28.3 to 29.2 GB/s (fp32) and 23.5 to 24.7 GB/s (bf16), A/B
-    in alternation, 8 runs each; end to end on SmolLM2 the change was within noise. Elsewhere (no THP,
-    another OS, a GPU) this is a plain ``torch.empty``; a refused advice changes nothing."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    n = t.numel() * t.element_size()
-    if t.device.type != "cpu" or n < 2 * _HUGE_PAGE or not _libc_madvise():
-        return t
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the whole huge pages inside the tensor
-    end = (t.data_ptr() + n) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start:
-        _libc_madvise()(start, end - start, _MADV_HUGEPAGE)
-    return t
+    (THP in "madvise" mode, so only advised memory gets huge pages) a 1 GiB read ran 1.25-1.37x
+    faster from huge pages, the gathered decode of separate fp32 rows 1.18x and torch's dense GEMV
+    of SmolLM2-sized rows (576x1536) 1.29x (``benchmarks/ab_huge_pages.py``, 2026-12-07).
+
+    The tensor starts on a 2 MiB boundary: its storage is over-allocated by less than 2 MiB of
+    address space that is never touched (so never backed by memory), and the advice runs to the
+    tensor's end rounded up to a whole huge page where that backs at most 1/16 more memory than the
+    tensor needs, else rounded down (the tail then stays in 4 KiB pages). A tensor of 2-4 MiB (one
+    SmolLM2 FFN weight: 3.4 MiB) used to get no huge page at all, as advice only takes whole aligned
+    pages. Elsewhere (no THP, another OS, a GPU) this is a plain ``torch.empty``; a refused advice
+    changes nothing."""
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < _HUGE_PAGE or not _libc_madvise():
+        return torch.empty(shape, dtype=dtype, device=device)
+    tail = -nbytes % _HUGE_PAGE
+    advised = nbytes + tail if tail <= nbytes // 16 else nbytes - nbytes % _HUGE_PAGE
+    buf = _fresh_pages(max(nbytes, advised) + _HUGE_PAGE)
+    start = -buf.data_ptr() % _HUGE_PAGE
+    _libc_madvise()(buf.data_ptr() + start, advised, _MADV_HUGEPAGE)
+    return buf[start:start + nbytes].view(dtype).view(tuple(int(n) for n in shape))
+
+
+def _fresh_pages(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over a new anonymous mapping (unmapped when the tensor is freed).
+
+    Why not torch.empty: its memory comes from malloc, which hands out a few-MiB block from pages an
+    earlier tensor already touched (glibc raises its mmap threshold up to 32 MiB as large blocks are
+    freed), and advice does not turn pages that exist into huge pages: on the Xeon VM only 35% of
+    the advised memory of 40 freshly quantized 2.7 MiB blocks became huge pages. A new mapping has
+    no pages yet, so the advice applies at the first touch."""
+    import mmap
+
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping until the tensor is freed
 
 
 def huge_pages_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` (same shape, dtype, device and values) in memory from
-    ``empty_huge_pages``: how every relaid or moved FFN weight gets its storage."""
+    ``empty_huge_pages``: how a relaid or moved FFN weight gets its storage."""
     return empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
+
+
+def _pack(items: Sequence[tuple[nn.Parameter, torch.Tensor, bool]]) -> None:
+    """For each (parameter, source, transposed): a contiguous copy of ``source``, all of them back to
+    back (64-byte aligned) in one ``empty_huge_pages`` allocation; the parameter becomes that copy
+    (its transpose where ``transposed``).
+
+    Why one allocation per layer: the operands of a small model's layer are each a few MiB (SmolLM2:
+    3.4 MiB), so each in its own allocation would end in a partial huge page left in 4 KiB pages;
+    together they fill whole pages. They live and die together (patch, a layout change and unpatch
+    replace all of a layer's operands at once), so no operand's bytes outlive their use."""
+    sizes = [-(-src.numel() * src.element_size() // 64) * 64 for _, src, _ in items]
+    buf = empty_huge_pages((sum(sizes),), torch.uint8, items[0][1].device)
+    at = 0
+    with torch.no_grad():
+        for (param, src, transposed), size in zip(items, sizes):
+            view = buf[at:at + src.numel() * src.element_size()].view(src.dtype).view(src.shape).copy_(src)
+            param.data = view.t() if transposed else view
+            at += size
+
+
+def pack_huge_pages(params: Sequence[nn.Parameter]) -> bool:
+    """Move one layer's CPU parameters, each contiguous or the transposed view of a contiguous
+    tensor, into one huge-page-advised allocation (``_pack``), each keeping its shape, strides and
+    values. Returns False where nothing moved (another device, another layout, too small in all,
+    no madvise)."""
+    params = list(params)
+    if not params or any(p.device.type != "cpu" for p in params) or not _libc_madvise() \
+            or sum(p.numel() * p.element_size() for p in params) < _HUGE_PAGE:
+        return False
+    if not all(p.data.is_contiguous() or p.data.t().is_contiguous() for p in params if p.dim() == 2) \
+            or not all(p.data.is_contiguous() for p in params if p.dim() != 2):
+        return False
+    _pack([(p, p.data if p.data.is_contiguous() else p.data.t(), not p.data.is_contiguous()) for p in params])
+    return True
 
 
 _madvise = None
@@ -148,11 +207,9 @@ def bundle(params: Sequence[tuple[nn.Parameter, bool]]) -> list[nn.Parameter]:
 
 def separate(params: Sequence[tuple[nn.Parameter, bool]]) -> list[nn.Parameter]:
     """Undo ``bundle``: the separate neuron-major layout (rows contiguous [D, d]; a parameter whose
-    neurons are columns becomes the transposed view of a contiguous [D, d]), each in memory advised
-    as huge pages as the relayout gives it. Returns the parameters."""
-    with torch.no_grad():
-        for p, col in params:
-            p.data = _rows(huge_pages_copy(_rows(p.data, col)), col)
+    neurons are columns becomes the transposed view of a contiguous [D, d]), together in one
+    huge-page-advised allocation as patch gives a layer's operands. Returns the parameters."""
+    _pack([(p, _rows(p.data, col), col) for p, col in params])
     return [p for p, _ in params]
 
 
@@ -174,6 +231,20 @@ def restore(param: nn.Parameter) -> None:
         return
     with torch.no_grad():
         param.data = huge_pages_copy(t)
+
+
+def restore_layer(params: Sequence[nn.Parameter]) -> None:
+    """``restore`` for all of one layer's weight parameters at once: if any is not contiguous, every
+    one of them becomes a contiguous copy in one huge-page-advised allocation (``_pack``; the
+    contiguous ones move too, so the storage patch gave the layer is released whole)."""
+    params = list(params)
+    if all(p.data.is_contiguous() for p in params):
+        return
+    if any(p.device.type != "cpu" for p in params) or not _libc_madvise():
+        for p in params:
+            restore(p)
+        return
+    _pack([(p, p.data, False) for p in params])
 
 
 @contextlib.contextmanager

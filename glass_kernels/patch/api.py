@@ -10,6 +10,7 @@ from .. import hf_compat
 from .config import NEEDS_GLOBAL, GlassConfig
 from .modules import GlassFFN
 from ..ffn import find_ffn_sites
+from ..ffn.layout import restore_layer
 from .schedule import GlassState, Session
 
 logger = logging.getLogger("glass_kernels.patch")
@@ -113,7 +114,7 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
             _choose_layout(sites, installed, relaid, state, config)
     except BaseException:
         # every parameter the layouts may have touched (a failure may come half-way through bundling)
-        _restore_layout(relaid + [[p for p, _ in s.handler.bundle_params(s.module) or []] for s in sites])
+        _restore_layout(sites, relaid)
         for site, parent, attr, glass in reversed(installed):
             site.handler.uninstall(parent, attr, site.module, glass)
         raise
@@ -131,14 +132,14 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
 def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
     """Give each site's weights the neuron-major layout and put a GlassFFN in its place; all or
     nothing (a failure restores what was done). Returns (installed sites, relaid parameters)."""
-    from ..ffn import restore_row_major
+    from ..ffn.layout import pack_huge_pages
 
     relaid, installed = [], []
     try:
         for site in sites:
             relaid.append(site.handler.relayout(site.module))
             if state.config.weights is None:  # (quantized rows replace the float weights anyway)
-                _rest_to_huge_pages(site, relaid[-1])
+                pack_huge_pages(site.handler.weight_params(site.module))
             glass = GlassFFN(site, state)
             parent_name, attr = site.parent_and_attr
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -147,23 +148,9 @@ def _install(model: nn.Module, sites, state: GlassState) -> tuple[list, list]:
     except Exception:
         for site, parent, attr, glass in reversed(installed):
             site.handler.uninstall(parent, attr, site.module, glass)
-        for ps in relaid:
-            for p in ps:
-                restore_row_major(p)
+        _restore_layout(sites, relaid)
         raise
     return installed, relaid
-
-
-def _rest_to_huge_pages(site, relaid) -> None:
-    """The FFN's weights the relayout left where the model loaded them (already neuron-major, such as
-    W_gate and W_up) move into huge-page-advised memory as the relaid ones are (ffn.layout
-    .to_huge_pages: same layout and values, so unpatch has nothing to undo)."""
-    from ..ffn.layout import to_huge_pages
-
-    moved = {id(p) for p in relaid}
-    for p in site.handler.weight_params(site.module):
-        if id(p) not in moved:
-            to_huge_pages(p)
 
 
 def _choose_layout(sites, installed, relaid, state: GlassState, config: GlassConfig) -> None:
@@ -197,12 +184,14 @@ def _quantize(sites, state: GlassState, config: GlassConfig) -> None:
                 sum(q.nbytes for q in state.quantized) / 2**20)
 
 
-def _restore_layout(relaid) -> None:
-    from ..ffn import restore_row_major
-
-    for ps in relaid:
-        for p in ps:
-            restore_row_major(p)
+def _restore_layout(sites, relaid) -> None:
+    """Every site's weight parameters back in their original contiguous layout, a layer at a time
+    (``relaid[i]``: what site i's relayout and layout changes touched; its other weight parameters
+    move with them, so the layer's storage from patch is released whole: ffn.layout.restore_layer)."""
+    for i, site in enumerate(sites):
+        params = list(relaid[i]) if i < len(relaid) else []
+        seen = {id(p) for p in params}
+        restore_layer(params + [p for p in site.handler.weight_params(site.module) if id(p) not in seen])
 
 
 def _wrap_generate(model: nn.Module, state: GlassState) -> None:
@@ -266,7 +255,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         site.handler.uninstall(parent, attr, site.module, glass)
     for q in rec.state.quantized or []:  # the dequantized weights, in the original shape and dtype
         q.restore()
-    _restore_layout(rec.relaid)
+    _restore_layout([site for site, _, _, _ in rec.sites], rec.relaid)
     _unwrap_generate(model)
     rec.state.reset()
     del model.__dict__[_ATTR]
