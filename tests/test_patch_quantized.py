@@ -118,3 +118,27 @@ def test_a_batch_of_prompts_gets_per_sequence_sets():
     assert out.shape == (3, 7) and session(model).neurons()[0].shape[0] == 3
     assert session(model).counters()["sparse"] == 2
     unpatch(model)
+
+
+def test_quantized_rows_share_one_allocation_and_unpatch_packs_each_layer(monkeypatch):
+    """Every layer's quantized block is a slice of one huge-page-advised allocation (a small model's
+    2.7 MiB blocks would each end in a partial huge page); unpatch gives each layer's dequantized
+    weights one advised allocation, as the float path does."""
+    from glass_kernels.ffn import layout
+
+    calls = []
+    monkeypatch.setattr(layout, "_libc_madvise", lambda: (lambda a, n, adv: calls.append((a, n)) or 0))
+    model = tm.build("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=2)
+    patch(model, method="griffin", keep=0.5, weights="int8", tune=False)
+    from glass_kernels.ffn.registry import PATCH_ATTR
+
+    quantized = model.__dict__[PATCH_ATTR].state.quantized
+    assert len({r.untyped_storage().data_ptr() for q in quantized for r in q.rows}) == 1
+    assert all(q.rows[0].data_ptr() % 64 == 0 for q in quantized)  # each layer's block
+    assert [a for a, _ in calls].count(quantized[0].rows[0].data_ptr()) == 1  # advised from its start
+    calls.clear()
+    unpatch(model)
+    for layer in model.model.layers:
+        ws = [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+        assert len({w.untyped_storage().data_ptr() for w in ws}) == 1
+    assert len(calls) == 2

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import quant
 from ..ffn import FFNSite, find_ffn_sites
-from ..ffn.layout import empty_huge_pages
+from ..ffn.layout import empty_huge_pages, pack_huge_pages
 
 WEIGHTS = {"int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0", "q4_0": "q4_0"}
 
@@ -45,7 +45,9 @@ def _released(p: torch.Tensor) -> torch.Tensor:
 class QuantizedFFN:
     """One FFN layer's weights as quantized, neuron-bundled rows; its float parameters released."""
 
-    def __init__(self, site: FFNSite, wtype: str) -> None:
+    def __init__(self, site: FFNSite, wtype: str, block: torch.Tensor | None = None) -> None:
+        """``block``: uint8 [D, n, row_bytes] storage to quantize into (``quantize_sites`` hands each
+        layer its slice of one allocation); None: a new one."""
         h = site.handler
         if site.d % quant.BLOCK:
             raise ValueError(f"quantized weights need the model width d to be a multiple of {quant.BLOCK}; "
@@ -58,8 +60,11 @@ class QuantizedFFN:
         self.dtype = rows[0].dtype
         with torch.no_grad():
             qrows = [quant.quantize(r, wtype) for r in rows]
-            block = empty_huge_pages((qrows[0].shape[0], len(qrows), qrows[0].shape[1]), torch.uint8,
-                                     qrows[0].device)  # [D, n, row_bytes]
+            shape = (qrows[0].shape[0], len(qrows), qrows[0].shape[1])  # [D, n, row_bytes]
+            if block is None:
+                block = empty_huge_pages(shape, torch.uint8, qrows[0].device)
+            elif tuple(block.shape) != shape or block.dtype != torch.uint8:
+                raise ValueError(f"block must be uint8 {shape}, got {block.dtype} {tuple(block.shape)}")
             for j, q in enumerate(qrows):
                 block[:, j].copy_(q)
             del qrows
@@ -100,21 +105,45 @@ class QuantizedFFN:
                 p.data = _released(p)
 
     def restore(self) -> None:
-        """For unpatch: the parameters get the dequantized weights for good (original shape and dtype)."""
+        """For unpatch: the parameters get the dequantized weights for good (original shape and dtype),
+        in one huge-page-advised allocation as the float weights of a patched layer are (so that the
+        dense model after unpatch reads pages of the same size as before patch)."""
         self._fill()
+        pack_huge_pages(self.params)
 
 
 def quantize_sites(sites, wtype: str) -> list[QuantizedFFN]:
-    """Quantize every site, one layer at a time; all or nothing (a failure restores what was done)."""
+    """Quantize every site, one layer at a time, into one huge-page-advised allocation (a layer's
+    block of a small model, 2.7 MiB for SmolLM2 in Q8_0, would leave a quarter of its bytes in the
+    partial last huge page; the blocks live and die together); all or nothing (a failure restores
+    what was done)."""
     done: list[QuantizedFFN] = []
+    blocks = _blocks(sites, wtype)
     try:
-        for s in sites:
-            done.append(QuantizedFFN(s, wtype))
+        for s, b in zip(sites, blocks):
+            done.append(QuantizedFFN(s, wtype, b))
     except BaseException:
         for q in done:
             q.restore()
         raise
     return done
+
+
+def _blocks(sites, wtype: str) -> list[torch.Tensor | None]:
+    """Per site a uint8 [D, n, row_bytes] slice of one allocation on the sites' common device (each
+    slice starting on a 64-byte boundary); Nones (each layer allocates its own) where the sites
+    differ in device, where a width is not a whole number of blocks (QuantizedFFN then says so)."""
+    devices = {s.handler.weights(s.module)[0].device for s in sites}
+    if len(devices) != 1 or any(s.d % quant.BLOCK for s in sites):
+        return [None] * len(sites)
+    shapes = [(s.D, 3 if s.handler.kind == "gated" else 2, quant.row_bytes(wtype, s.d)) for s in sites]
+    sizes = [-(-D * n * r // 64) * 64 for D, n, r in shapes]
+    arena = empty_huge_pages((sum(sizes),), torch.uint8, devices.pop())
+    out, at = [], 0
+    for (D, n, r), size in zip(shapes, sizes):
+        out.append(arena[at:at + D * n * r].view(D, n, r))
+        at += size
+    return out
 
 
 class FloatWeights:
