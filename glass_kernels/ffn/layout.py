@@ -146,14 +146,13 @@ def _libc_madvise():
 
 
 def to_huge_pages(param: nn.Parameter) -> bool:
-    """Move a contiguous CPU parameter's values into memory advised as huge pages (same shape, strides
-    and values; the old storage is freed when the parameter lets go of it). For the operands that
-    are already neuron-major [D, d] (W_gate, W_up, a fused gate_up), which the relayout leaves where
-    the model loaded them: on the Xeon VM, separate fp32 rows read 5-7% faster cold with all three
-    operands advised than with W_down alone (interleaved A/B, 2048x8192 keep 0.5 and 576x1536 keep
-    0.3). Returns False where nothing moved (another device, not contiguous, too small, no madvise)."""
+    """Move a contiguous CPU parameter of at least one huge page (2 MiB) into memory advised as huge
+    pages (same shape, strides and values; the old storage is freed when the parameter lets go of
+    it). For a parameter on its own (the vLLM plugin's fused gate_up, a benchmark's other weights);
+    a layer's FFN weights go together (``pack_huge_pages``). Returns False where nothing moved
+    (another device, not contiguous, too small, no madvise)."""
     t = param.data
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < 2 * _HUGE_PAGE \
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < _HUGE_PAGE \
             or not _libc_madvise():
         return False
     with torch.no_grad():
