@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from glass_kernels import _C, quant
-from glass_kernels.ffn.layout import huge_pages_copy, pack_huge_pages
+from glass_kernels.ffn.layout import huge_pages_copy
 
 GIB = 1 << 30
 
@@ -76,12 +76,10 @@ def placed(t: torch.Tensor, huge: bool) -> torch.Tensor:
 
 def placed_layer(ts: list[torch.Tensor], huge: bool) -> tuple:
     """Copies of one layer's tensors: in one huge-page-advised allocation, as patch places a layer
-    (ffn.layout.pack_huge_pages), or each in plain memory."""
+    (the kernel benchmark's _one_allocation), or each in plain memory."""
     if not huge:
         return tuple(placed(t, False) for t in ts)
-    params = [torch.nn.Parameter(t.clone(), requires_grad=False) for t in ts]
-    pack_huge_pages(params)
-    return tuple(p.data for p in params)
+    return _bench_module("test_kernels")._one_allocation(ts)
 
 
 def float_layers(d: int, D: int, huge: bool) -> list[tuple]:
