@@ -41,9 +41,10 @@ def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
     Why: a sparse decode step reads a few KiB per selected neuron at scattered addresses; with 4 KiB
     pages each such read starts a new page for the hardware prefetcher (and the TLB). On the Xeon VM
-    (THP in "madvise" mode, so only advised memory gets huge pages) a 1 GiB read ran 1.25-1.37x
-    faster from huge pages, the gathered decode of separate fp32 rows 1.18x and torch's dense GEMV
-    of SmolLM2-sized rows (576x1536) 1.29x (``benchmarks/ab_huge_pages.py``, 2026-12-07).
+    (THP in "madvise" mode, so only advised memory gets huge pages) a 1 GiB read ran 1.22-1.23x
+    faster from huge pages, the gathered decode of separate fp32 rows 1.20x (2048x8192) and 1.16x
+    (576x1536), and torch's dense FFN 1.24x and 1.08x (``benchmarks/ab_huge_pages.py``, 2026-12-07,
+    medians of 8 pairs).
 
     The tensor starts on a 2 MiB boundary: its storage is over-allocated by less than 2 MiB of
     address space that is never touched (so never backed by memory), and the advice runs to the
