@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from glass_kernels import _C, quant
-from glass_kernels.ffn.layout import huge_pages_copy
+from glass_kernels.ffn.layout import huge_pages_copies, huge_pages_copy
 
 GIB = 1 << 30
 
@@ -76,10 +76,8 @@ def placed(t: torch.Tensor, huge: bool) -> torch.Tensor:
 
 def placed_layer(ts: list[torch.Tensor], huge: bool) -> tuple:
     """Copies of one layer's tensors: in one huge-page-advised allocation, as patch places a layer
-    (the kernel benchmark's _one_allocation), or each in plain memory."""
-    if not huge:
-        return tuple(placed(t, False) for t in ts)
-    return _bench_module("test_kernels")._one_allocation(ts)
+    (ffn.layout.huge_pages_copies), or each in plain memory."""
+    return tuple(huge_pages_copies(ts)) if huge else tuple(placed(t, False) for t in ts)
 
 
 def float_layers(d: int, D: int, huge: bool) -> list[tuple]:
@@ -90,7 +88,7 @@ def float_layers(d: int, D: int, huge: bool) -> list[tuple]:
     out = []
     for _ in range(n):
         wg, wu, wdt = (torch.randn(D, d, generator=g) / d**0.5 for _ in range(3))
-        out.append(placed_layer([wg, wu, wdt, wdt.t().contiguous()], huge))
+        out.append(placed_layer([wg, wu, wdt, wdt.t()], huge))
     return out
 
 

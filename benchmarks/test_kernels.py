@@ -54,7 +54,7 @@ from conftest import machine_info, median_s, quick_mode, set_threads
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
 from glass_kernels import _ext, tuning  # noqa: E402
 from glass_kernels import quant  # noqa: E402
-from glass_kernels.ffn.layout import bundled_views, empty_huge_pages, huge_pages_copy, pack_huge_pages  # noqa: E402
+from glass_kernels.ffn.layout import bundled_views, empty_huge_pages, huge_pages_copies, huge_pages_copy  # noqa: E402
 
 _ext.load()  # the library's threading choice (torch's OpenMP team where shared), as in a patched model
 DEFAULT_TUNING = _C.get_decode_tuning()
@@ -107,7 +107,9 @@ class Layers:
             wg = (torch.randn(D, d, generator=g) / d**0.5).to(dtype)
             wu = (torch.randn(D, d, generator=g) / d**0.5).to(dtype)
             wd = (torch.randn(d, D, generator=g) / D**0.5).to(dtype)
-            self.layers.append(_one_allocation([wg, wu, wd, wd.t().contiguous()]))
+            # one allocation per layer, as patch places a layer's operands: small ones (576x1536)
+            # then fill whole huge pages too
+            self.layers.append(tuple(huge_pages_copies([wg, wu, wd, wd.t()])))
         self.x = torch.randn(1, 1, d, generator=g).to(dtype)
         self.i = 0
         self._bundled = None
@@ -135,15 +137,6 @@ class Layers:
         if self._bundled is None:
             self._bundled = [bundled_views([wg, wu, wdt]) for wg, wu, _, wdt in self.layers]
         return self._bundled
-
-
-def _one_allocation(tensors: list[torch.Tensor]) -> tuple:
-    """Copies of one layer's tensors in one huge-page-advised allocation, as patch places a layer's
-    operands (ffn.layout.pack_huge_pages): small ones (576x1536) then fill whole huge pages too."""
-    params = [torch.nn.Parameter(t, requires_grad=False) for t in tensors]
-    if not pack_huge_pages(params):
-        return tuple(huge_pages_copy(t) for t in tensors)
-    return tuple(p.data for p in params)
 
 
 _layers_cache: dict = {}

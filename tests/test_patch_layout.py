@@ -243,10 +243,10 @@ def test_huge_page_tensors_start_on_a_huge_page(monkeypatch, mib, advised_mib):
     1/16 more memory (39 -> 40 MiB), else down (3 -> 2 MiB)."""
     from glass_kernels.ffn import layout
 
-    calls = []
-    monkeypatch.setattr(layout, "_libc_madvise", lambda: (lambda a, n, adv: calls.append((a, n)) or 0))
+    calls = _advised_ranges(monkeypatch)
     t = layout.empty_huge_pages((mib << 18,), torch.float32, "cpu")
-    (a, n), = calls
+    (a, end), = calls
+    n = end - a
     assert a == t.data_ptr() and a % (2 << 20) == 0 and n == advised_mib << 20
     assert t.untyped_storage().nbytes() >= (max(mib, advised_mib) << 20)  # the advised range is inside it
     t.fill_(1.5)

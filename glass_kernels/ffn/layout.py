@@ -22,13 +22,15 @@ is measured per machine (``glass_kernels.tuning.prompt_copy_for_model``).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["bundle", "bundled_views", "contiguous_params", "is_bundled", "make_neuron_major", "restore",
-           "restore_layer", "huge_pages_copy", "pack_huge_pages", "separate", "to_huge_pages"]
+           "restore_layer", "empty_huge_pages_together", "huge_pages_copy", "huge_pages_copies", "pack_huge_pages",
+           "separate", "to_huge_pages"]
 
 
 _HUGE_PAGE = 2 << 20
@@ -53,10 +55,7 @@ def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
     SmolLM2 FFN weight: 3.4 MiB) used to get no huge page at all, as advice only takes whole aligned
     pages. Elsewhere (no THP, another OS, a GPU) this is a plain ``torch.empty``; a refused advice
     changes nothing."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < _HUGE_PAGE or not _libc_madvise():
         return torch.empty(shape, dtype=dtype, device=device)
     tail = -nbytes % _HUGE_PAGE
@@ -87,23 +86,42 @@ def huge_pages_copy(t: torch.Tensor) -> torch.Tensor:
     return empty_huge_pages(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
-def _pack(items: Sequence[tuple[nn.Parameter, torch.Tensor, bool]]) -> None:
-    """For each (parameter, source, transposed): a contiguous copy of ``source``, all of them back to
-    back (64-byte aligned) in one ``empty_huge_pages`` allocation; the parameter becomes that copy
-    (its transpose where ``transposed``).
+def empty_huge_pages_together(specs: Sequence[tuple[tuple[int, ...], torch.dtype]], device) -> list[torch.Tensor]:
+    """Empty tensors of the given (shape, dtype)s, back to back (each starting on a 64-byte boundary)
+    in one ``empty_huge_pages`` allocation.
 
-    Why one allocation per layer: the operands of a small model's layer are each a few MiB (SmolLM2:
-    3.4 MiB), so each in its own allocation would end in a partial huge page left in 4 KiB pages;
-    together they fill whole pages. They live and die together (patch, a layout change and unpatch
-    replace all of a layer's operands at once), so no operand's bytes outlive their use."""
-    sizes = [-(-src.numel() * src.element_size() // 64) * 64 for _, src, _ in items]
-    buf = empty_huge_pages((sum(sizes),), torch.uint8, items[0][1].device)
-    at = 0
+    Why one allocation: the operands of a small model's layer are each a few MiB (SmolLM2: 3.4 MiB),
+    so each in its own allocation would end in a partial huge page left in 4 KiB pages; together
+    they fill whole pages. For tensors that live and die together (a layer's operands, which patch,
+    a layout change and unpatch replace at once; a model's quantized blocks), so that no tensor's
+    bytes outlive their use."""
+    nbytes = [math.prod(int(n) for n in shape) * dtype.itemsize for shape, dtype in specs]
+    sizes = [-(-n // 64) * 64 for n in nbytes]
+    buf = empty_huge_pages((sum(sizes),), torch.uint8, device)
+    out, at = [], 0
+    for (shape, dtype), n, size in zip(specs, nbytes, sizes):
+        out.append(buf[at:at + n].view(dtype).view(tuple(int(m) for m in shape)))
+        at += size
+    return out
+
+
+def huge_pages_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of ``tensors`` (same shapes, dtypes and values) in one allocation
+    (``empty_huge_pages_together``; the tensors on one device)."""
+    out = empty_huge_pages_together([(tuple(t.shape), t.dtype) for t in tensors], tensors[0].device)
     with torch.no_grad():
-        for (param, src, transposed), size in zip(items, sizes):
-            view = buf[at:at + src.numel() * src.element_size()].view(src.dtype).view(src.shape).copy_(src)
-            param.data = view.t() if transposed else view
-            at += size
+        for o, t in zip(out, tensors):
+            o.copy_(t)
+    return out
+
+
+def _pack(items: Sequence[tuple[nn.Parameter, torch.Tensor, bool]]) -> None:
+    """For each (parameter, source, transposed): the parameter becomes a contiguous copy of
+    ``source`` (its transpose where ``transposed``), all the copies in one allocation
+    (``huge_pages_copies``)."""
+    copies = huge_pages_copies([src for _, src, _ in items])
+    for (param, _, transposed), c in zip(items, copies):
+        param.data = c.t() if transposed else c
 
 
 def pack_huge_pages(params: Sequence[nn.Parameter]) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import quant
 from ..ffn import FFNSite, find_ffn_sites
-from ..ffn.layout import empty_huge_pages, pack_huge_pages
+from ..ffn.layout import empty_huge_pages, empty_huge_pages_together, pack_huge_pages
 
 WEIGHTS = {"int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0", "q4_0": "q4_0"}
 
@@ -137,13 +137,7 @@ def _blocks(sites, wtype: str) -> list[torch.Tensor | None]:
     if len(devices) != 1 or any(s.d % quant.BLOCK for s in sites):
         return [None] * len(sites)
     shapes = [(s.D, 3 if s.handler.kind == "gated" else 2, quant.row_bytes(wtype, s.d)) for s in sites]
-    sizes = [-(-D * n * r // 64) * 64 for D, n, r in shapes]
-    arena = empty_huge_pages((sum(sizes),), torch.uint8, devices.pop())
-    out, at = [], 0
-    for (D, n, r), size in zip(shapes, sizes):
-        out.append(arena[at:at + D * n * r].view(D, n, r))
-        at += size
-    return out
+    return empty_huge_pages_together([(shape, torch.uint8) for shape in shapes], devices.pop())
 
 
 class FloatWeights:
