@@ -1,17 +1,12 @@
 """benchmarks/ab_huge_pages.py: the A/B alternates the two sides, reports each side's median and
 range and the per-pair ratio, and its plain side really is plain memory with the same values."""
-import importlib.util
-from pathlib import Path
-
 import torch
+
+import bench_scripts
 
 
 def _ab_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_huge_pages.py"
-    spec = importlib.util.spec_from_file_location("ab_huge_pages_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("ab_huge_pages.py")
 
 
 def test_ab_alternates_and_reports_pairs():

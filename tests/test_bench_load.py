@@ -1,5 +1,4 @@
 """benchmarks/conftest.py's other_load(): CPU used by other processes, not by the benchmark itself."""
-import importlib.util
 import subprocess
 import sys
 import time
@@ -7,16 +6,14 @@ from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 if not Path("/proc/stat").exists():
     pytest.skip("other_load reads /proc/stat (Linux)", allow_module_level=True)
 
 
 def _bench_conftest():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("bench_conftest_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("conftest.py")
 
 
 def _spin(seconds):

@@ -1,16 +1,11 @@
 """benchmarks/kernel_table.py: each case's "% of STREAM" is taken against the STREAM-like read
 measured beside that case, marked where the bandwidth moved across it; older JSON files (no local
 figure) fall back to the run's STREAM test."""
-import importlib.util
-from pathlib import Path
+import bench_scripts
 
 
 def _kernel_table():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_table.py"
-    spec = importlib.util.spec_from_file_location("kernel_table_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("kernel_table.py")
 
 
 def _case(impl, gbps, median_s, **extra):
