@@ -121,6 +121,21 @@ CASES = [
 ]
 
 
+def _fixed16(x):
+    """x as the AVX2 / AVX-512 kernels multiply it by integer codes (csrc/src/quant_rows.inc): per
+    block of 32 values, rounded half away from zero to a multiple of the block's max|x| / 32767."""
+    xb = x.double().reshape(*x.shape[:-1], -1, 32)
+    step = xb.abs().amax(-1, keepdim=True) / 32767
+    q = torch.where(step > 0, xb / step.clamp_min(1e-300), torch.zeros_like(xb))
+    return (torch.sign(q) * torch.floor(q.abs() + 0.5) * step).reshape(x.shape)
+
+
+def _x_rounding(native, x):
+    """Twice the exact effect of the fixed-point x on the fp64 result: the error the integer paths
+    declare beyond fp32 rounding (the others never need it)."""
+    return 2 * (native(_fixed16(x)) - native(x.double())).abs().max().item()
+
+
 def _weights(rng, n, D, d, wtype):
     ws = [torch.randn(D, d, generator=rng) / d ** 0.5 for _ in range(n)]
     qs = [quant.quantize(w, wtype) for w in ws]
@@ -139,7 +154,9 @@ def test_sparse_ffn_q(impl, case, dtype, wtype, rng):
     y = quant.sparse_ffn_q(x, qg, qu, qd, idx, "silu", wtype)
     assert y.shape == x.shape and y.dtype == dtype
     oracle = _native(x, wg, wu, wd, None, None, idx, "silu", torch.float64)
-    assert_close_derived(y, oracle, _native(x, wg, wu, wd, None, None, idx, "silu", dtype), f"sparse_ffn_q[{impl}]")
+    slack = _x_rounding(lambda v: _native(v, wg, wu, wd, None, None, idx, "silu", torch.float64), x)
+    assert_close_derived(y, oracle, _native(x, wg, wu, wd, None, None, idx, "silu", dtype), f"sparse_ffn_q[{impl}]",
+                         documented=slack)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,7 +169,9 @@ def test_sparse_mlp_q(impl, dtype, wtype, rng):
     idx = _idx(rng, B, D, k, True)
     y = quant.sparse_mlp_q(x, qi, b_in, qo, b_out, idx, "gelu", wtype)
     oracle = _native(x, wi, None, wo, b_in, b_out, idx, "gelu", torch.float64)
-    assert_close_derived(y, oracle, _native(x, wi, None, wo, b_in, b_out, idx, "gelu", dtype), f"sparse_mlp_q[{impl}]")
+    slack = _x_rounding(lambda v: _native(v, wi, None, wo, b_in, b_out, idx, "gelu", torch.float64), x)
+    assert_close_derived(y, oracle, _native(x, wi, None, wo, b_in, b_out, idx, "gelu", dtype), f"sparse_mlp_q[{impl}]",
+                         documented=slack)
 
 
 @pytest.mark.parametrize("wtype", quant.QTYPES)
@@ -178,8 +197,10 @@ def test_cpp_paths_agree_and_name_their_kernel(rng):
             assert quant.kernel_name("q4_0") == f"q4_0_sparse_ffn__{isa}"
             outs[isa] = quant.sparse_ffn_q(x, qg, qu, qd, idx, wtype="q4_0")
     ref = reference.sparse_ffn_q(x, qg, qu, qd, idx, "silu", "q4_0")
+    (wg, wu, wd) = (quant.dequantize(q, "q4_0") for q in (qg, qu, qd))
+    slack = _x_rounding(lambda v: _native(v, wg, wu, wd, None, None, idx, "silu", torch.float64), x)
     for isa, y in outs.items():
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6, msg=isa)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 + slack, msg=isa)
 
 
 def test_bad_input_is_named():

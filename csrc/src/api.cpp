@@ -254,7 +254,7 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what, int qtype 
   a.nthreads = nt;
   a.nchunks = nch;
   decode_tuning(&a.group, &a.prefetch);
-  a.xlen = ((btd + 15) / 16) * 16;
+  a.xlen = x_floats(btd, qtype >= 0);
   a.buf_len = ((rows * a.d + 15) / 16) * 16;
   try {
     a.acc = g_ws.get(static_cast<size_t>(a.xlen + a.buf_len * nch * nseq));

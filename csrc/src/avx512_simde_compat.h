@@ -90,6 +90,31 @@ static inline simde__m512 cvtepi32_ps(simde__m512i a) {  // exact for |a| < 2^24
   for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(w[i]);
   return simde_mm512_loadu_ps(f);
 }
+static inline simde__m512i cvtepu8_epi16(simde__m256i a) {
+  uint8_t b[32];
+  int16_t w[32];
+  simde_mm256_storeu_si256(b, a);
+  for (int i = 0; i < 32; ++i) w[i] = b[i];
+  return simde_mm512_loadu_si512(w);
+}
+static inline simde__m512i mask_i32gather_epi32(simde__m512i src, simde__mmask16 k, simde__m512i idx,
+                                                const void* base, int scale) {
+  int32_t r[16], o[16];
+  simde_mm512_storeu_si512(r, src);
+  simde_mm512_storeu_si512(o, idx);
+  for (int i = 0; i < 16; ++i)
+    if (k & (1u << i)) std::memcpy(&r[i], static_cast<const char*>(base) + int64_t(o[i]) * scale, 4);
+  return simde_mm512_loadu_si512(r);
+}
+// SIMDe 0.7 has it, but its native alias takes the masked form's four arguments.
+static inline simde__m512i madd_epi16(simde__m512i a, simde__m512i b) {
+  int16_t x[32], y[32];
+  int32_t r[16];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  for (int i = 0; i < 16; ++i) r[i] = int32_t(x[2 * i]) * y[2 * i] + int32_t(x[2 * i + 1]) * y[2 * i + 1];
+  return simde_mm512_loadu_si512(r);
+}
 
 }  // namespace emu512
 }  // namespace glass
@@ -103,5 +128,9 @@ static inline simde__m512 cvtepi32_ps(simde__m512i a) {  // exact for |a| < 2^24
 #define _mm512_cvtepi8_epi32 glass::emu512::cvtepi8_epi32
 #define _mm512_cvtepu8_epi32 glass::emu512::cvtepu8_epi32
 #define _mm512_cvtepi32_ps glass::emu512::cvtepi32_ps
+#define _mm512_cvtepu8_epi16 glass::emu512::cvtepu8_epi16
+#define _mm512_mask_i32gather_epi32 glass::emu512::mask_i32gather_epi32
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16 glass::emu512::madd_epi16
 #define _mm512_cvtps_ph glass::emu512::cvtps_ph
 #define _mm512_reduce_add_ps glass::emu512::reduce_add_ps

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "glass/glass.h"
@@ -38,6 +39,48 @@ template <class W>
 constexpr int64_t elems_for(int64_t n) { return is_quant<W>::value ? n / kQBlock : n; }
 template <class W>
 constexpr int64_t bytes_for(int64_t n) { return elems_for<W>(n) * static_cast<int64_t>(sizeof(W)); }
+
+// One token's x as the quantized dot products read it (quant_rows.inc): f in fp32, and where the
+// ISA multiplies codes in integers (kQIntDot) also q / s, x in 16-bit fixed point (x_j ~ s[j / 32] * q[j]).
+struct QInput {
+  const float* f;
+  const int16_t* q;
+  const float* s;
+};
+
+// q[j] = round(x[j] / s[b]) with s[b] = max |x| over block b / 32767. A block holding inf or NaN
+// gets s[b] = NaN (and q = 0), so that the dot products reading it are NaN, as in fp32.
+static inline void quantize_x16(const float* x, int64_t d, int16_t* q, float* s) {
+  for (int64_t b = 0; b < d / kQBlock; ++b) {
+    const float* xb = x + b * kQBlock;
+    int16_t* qb = q + b * kQBlock;
+    float m = 0.0f;
+    bool nan = false;
+    for (int j = 0; j < kQBlock; ++j) {
+      const float v = std::fabs(xb[j]);
+      m = v > m ? v : m;
+      nan |= v != v;
+    }
+    if (nan || !std::isfinite(m)) {
+      for (int j = 0; j < kQBlock; ++j) qb[j] = 0;
+      s[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = m > 0.0f ? 32767.0f / m : 0.0f;
+    for (int j = 0; j < kQBlock; ++j) {  // |x * inv| <= 32767 (+ rounding): fits after the +-0.5
+      const float v = xb[j] * inv;
+      qb[j] = static_cast<int16_t>(v + (v >= 0.0f ? 0.5f : -0.5f));
+    }
+    s[b] = m / 32767.0f;
+  }
+}
+
+constexpr int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+// Workspace floats ahead of the chunk buffers for n = B * T * d input values: x in fp32, and for
+// quantized rows also x in 16-bit fixed point (n int16) with one fp32 scale per block of 32.
+constexpr int64_t x_floats(int64_t n, bool quantized) {
+  return round16(n) + (quantized ? round16(n / 2) + round16(n / kQBlock) : 0);
+}
 
 // One call of sparse_ffn / sparse_mlp after validation. The per-ISA driver owns threading.
 struct FfnArgs {

@@ -49,6 +49,7 @@ static inline vfloat vload(const f16_t* p) {
 }
 // n < 16 elements, the rest zero (masked loads never touch memory past the mask).
 static inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+static inline __mmask16 tail_mask16(int n) { return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u); }
 static inline vfloat vload_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
 static inline vfloat vload_tail(const bf16_t* p, int64_t n) {
   __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
@@ -61,6 +62,7 @@ static inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 static inline void vstore_tail(float* p, vfloat v, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
 static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+static inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 static inline float vhsum(vfloat v) { return _mm512_reduce_add_ps(v); }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // quantized weights (quant_rows.inc): 16 int8 values, chunk c of a Q4_0 block, the fp16 scale (F16C)
@@ -74,6 +76,28 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 16c..16c+15:
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8)));
 }
 static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
+// quant_rows.inc: the scales of up to 16 blocks in one gather (4 bytes at each block's start: its
+// scale and two codes, all inside the block), and the products of codes and x in integers:
+// 32 codes times 32 int16 values summed in pairs into 16 int32 lanes (|lane| <= 2 * 128 * 32767).
+template <class Q>
+static inline vfloat block_scales(const Q* b, int n) {
+  const __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(sizeof(Q))));
+  const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask16(n), off, b, 1);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+}
+constexpr bool kQIntDot = true;
+static inline vfloat qdot(const q8_0_t* b, const int16_t* xq) {
+  const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b->q)));
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xq)));
+}
+static inline vfloat qdot(const q4_0_t* b, const int16_t* xq) {  // low nibbles: values 0..15, high: 16..31
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->q));
+  const __m128i lo = _mm_and_si128(q, _mm_set1_epi8(15));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15));
+  const __m512i w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo)), _mm512_set1_epi16(8));
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xq)));
+}
 static inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 template <class W>

@@ -47,6 +47,7 @@ static inline void vstore_tail(float* p, vfloat v, int64_t n) {
 }
 static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a, b); }
 static inline vfloat vadd(vfloat a, vfloat b) { return vaddq_f32(a, b); }
+static inline vfloat vmul(vfloat a, vfloat b) { return vmulq_f32(a, b); }
 static inline float vhsum(vfloat v) { return vaddvq_f32(v); }
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 // quantized weights (quant_rows.inc): 4 values per vector; only the 4 bytes needed are read.
@@ -67,6 +68,13 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 4c..4c+3: c 
 static inline float scale_f32(uint16_t s) {
   return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(s))), 0);
 }
+template <class Q>
+static inline vfloat block_scales(const Q* b, int n) {  // n <= 4
+  uint16_t h[4] = {0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) h[i] = b[i].s;
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+constexpr bool kQIntDot = false;  // quantized rows: codes widened to fp32 (quant_rows.inc)
 static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 template <class W>

@@ -571,30 +571,43 @@ void test_quant() {
                     for (int64_t t = 0; t < T; ++t) {
                       const int64_t row = b * T + t;
                       const int32_t* id = idx.data() + (batched ? b * k : 0);
-                      std::vector<double> ref(d, gated ? 0.0 : bo.val[0] * 0.0), mag(d, 0.0);
+                      std::vector<double> ref(d, gated ? 0.0 : bo.val[0] * 0.0), mag(d, 0.0), xr(d, 0.0);
+                      // AVX2 / AVX-512 multiply the codes by x rounded to 16-bit fixed point per block
+                      // of 32 (quant_rows.inc): each x value off by at most 2^-16 of its block's max |x|.
+                      std::vector<double> xstep(d);
+                      for (int64_t q0 = 0; q0 < d; q0 += 32) {
+                        double m = 0;
+                        for (int64_t q = q0; q < q0 + 32; ++q) m = std::max(m, std::fabs(x.val[row * d + q]));
+                        for (int64_t q = q0; q < q0 + 32; ++q) xstep[q] = std::ldexp(m, -16);
+                      }
                       for (int64_t q = 0; q < d && !gated; ++q) ref[q] = bo.val[q], mag[q] = std::fabs(bo.val[q]);
                       for (int64_t j = 0; j < k; ++j) {
                         const int64_t nn = id[j];
-                        double g = 0, sg = 0, u = 0, su = 0;
+                        double g = 0, sg = 0, u = 0, su = 0, eg = 0, eu = 0;
                         for (int64_t q = 0; q < d; ++q) {
                           g += wv(0, nn, q) * x.val[row * d + q];
                           sg += std::fabs(wv(0, nn, q) * x.val[row * d + q]);
+                          eg += std::fabs(wv(0, nn, q)) * xstep[q];
                           if (gated) {
                             u += wv(1, nn, q) * x.val[row * d + q];
                             su += std::fabs(wv(1, nn, q) * x.val[row * d + q]);
+                            eu += std::fabs(wv(1, nn, q)) * xstep[q];
                           }
                         }
+                        // |silu'|, |gelu'| < 1.13: the fixed-point x's error carried into h
+                        const double he = gated ? 1.13 * (eg * std::fabs(u) + std::fabs(act_d(act, g)) * eu) : 1.13 * eg;
                         const double h = gated ? act_d(act, g) * u : act_d(act, g + bi.val[nn]);
                         const double hm = gated ? std::fabs(h) + 1.13 * (sg * std::fabs(u) + std::fabs(act_d(act, g)) * su)
                                                 : std::fabs(h) + 1.13 * (sg + std::fabs(bi.val[nn]));
                         for (int64_t q = 0; q < d; ++q) {
                           ref[q] += h * wv(wo, nn, q);
                           mag[q] += hm * std::fabs(wv(wo, nn, q));
+                          xr[q] += he * std::fabs(wv(wo, nn, q));
                         }
                       }
                       for (int64_t q = 0; q < d; ++q) {
                         // + the absolute rounding of fp16's subnormal outputs (spacing 2^-24)
-                        const double bound = 4.0 * (d + k + 8) * kU32 * mag[q] + 2 * uo * std::fabs(ref[q]) +
+                        const double bound = 4.0 * (d + k + 8) * kU32 * mag[q] + 2 * uo * std::fabs(ref[q]) + xr[q] +
                                              (dt == GLASS_F16 ? std::ldexp(1.0, -24) : 1e-30);
                         const double got = y.get(row * d + q);
                         CHECK(std::fabs(got - ref[q]) <= bound,
@@ -623,6 +636,25 @@ void test_quant() {
   int32_t bad[2] = {0, 2};
   CHECK(glass_sparse_ffn_q(GLASS_Q4_0, GLASS_F32, GLASS_ACT_SILU, xf, 1, 1, 32, wq, wq, wq, 32, 2, bad, 2, 0, yf) ==
             GLASS_ERR_INDEX, "quantized idx out of range");
+  // A NaN or inf in x reaches every output, on every path (the fixed-point x marks such a block NaN).
+  for (glass_isa isa : supported_isas()) {
+    glass_set_isa(isa);
+    for (glass_qtype qt : {GLASS_Q8_0, GLASS_Q4_0})
+      for (float bad_x : {std::nanf(""), INFINITY}) {
+        QRows m = make_qrows(qt, 3, 6, 64, 3 * 64, rng);
+        const uint8_t* base = m.bytes.data();
+        const size_t rb = 2 * qblock_bytes(qt);  // one row of 64 values
+        float xv[64], yv[64];
+        for (float& v : xv) v = 0.25f;
+        xv[40] = bad_x;
+        int32_t sel[3] = {0, 2, 5};
+        CHECK(glass_sparse_ffn_q(qt, GLASS_F32, GLASS_ACT_SILU, xv, 1, 1, 64, base, base + rb, base + 2 * rb, 3 * 64,
+                                 6, sel, 3, 0, yv) == GLASS_OK, "non-finite x: status");
+        for (float v : yv) CHECK(!std::isfinite(v), "%s: x[40] = %g gave a finite output %g", glass_isa_name(isa),
+                                 bad_x, v);
+      }
+  }
+  glass_set_isa(GLASS_ISA_AUTO);
   std::printf("quantized rows: %zu runs (Q8_0, Q4_0) against the double oracle\n", runs);
 }
 

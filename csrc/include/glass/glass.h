@@ -116,7 +116,11 @@ GLASS_API glass_status glass_sparse_mlp_strided(glass_dtype dtype, glass_activat
  * (little-endian). Row i of each weight starts ldw / 32 blocks after row i - 1: ldw = d for
  * separate [D, d] matrices, 3d for the neuron-bundled layout (w_up = w_gate + d / 32 blocks, ...);
  * ldw must be a multiple of 32 and >= d, else GLASS_ERR_SIZE. The products are accumulated in fp32
- * (each block's dot product unscaled, then times its scale). Everything else as glass_sparse_ffn /
+ * (each block's dot product unscaled, then times its scale). On AVX2 / AVX-512 the dot products
+ * with x (gate / up, in) multiply the codes by x rounded to 16-bit fixed point per block of 32
+ * values (a step of the block's max |x| / 32767, so each x value is off by at most 2^-16 of that
+ * max, 2^8 times less than Q8_0's own rounding of the weights), summed exactly in int32; a block of
+ * x holding inf or NaN makes those products NaN. Everything else as glass_sparse_ffn /
  * glass_sparse_mlp.
  */
 typedef enum { GLASS_Q8_0 = 0, GLASS_Q4_0 = 1, GLASS_QTYPE_INT_RANGE_ = 0x7fffffff } glass_qtype;
