@@ -114,6 +114,24 @@ def require():
     return C
 
 
+_build_id: str | None = None
+
+
+def build_id() -> str | None:
+    """A digest of the loaded ``_C`` file (None without it): measurements of its kernels (the tuning
+    cache) are only reused by the same build, so a rebuilt or upgraded core is measured afresh."""
+    global _build_id
+    C = load()
+    if C is None:
+        return None
+    if _build_id is None:
+        import hashlib
+
+        with open(C.__file__, "rb") as f:
+            _build_id = hashlib.sha256(f.read()).hexdigest()[:16]
+    return _build_id
+
+
 def supported_isas() -> list[str]:
     """ISA paths both compiled into ``_C`` and supported by this CPU (e.g. ['scalar', 'avx2']); [] without _C."""
     C = load()

@@ -290,11 +290,11 @@ def _gated_layers(sites) -> list[tuple]:
 
 def _remember(path: Path, doc: dict | None, key: str, entry: dict) -> None:
     """Store one measurement under ``key`` in the cache file (``doc``: its current contents), with
-    when it was measured and the software versions."""
+    when it was measured, the software versions and the build of the core that was measured."""
     doc = doc or {"format": _FORMAT, "cpu": cpu_name(), "entries": {}}
     doc.setdefault("entries", {})[key] = dict(
         entry, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=software_versions())
+        versions=software_versions(), build=_ext().build_id())
     _write_cache(path, doc)
 
 
@@ -326,8 +326,17 @@ def _layout_mode(sites, layout: str) -> str:
     return layout
 
 
-def _cached_entry(doc: dict, key: str, layout: str) -> DecodeTuning | None:
+def _entry(doc: dict, key: str) -> dict | None:
+    """The cached entry under ``key`` if this very build of the core measured it: a measurement of
+    other kernels (an older or newer build) says nothing about these."""
     entry = doc.get("entries", {}).get(key)
+    if not isinstance(entry, dict) or entry.get("build") != _ext().build_id():
+        return None
+    return entry
+
+
+def _cached_entry(doc: dict, key: str, layout: str) -> DecodeTuning | None:
+    entry = _entry(doc, key)
     if not entry or entry.get("isa") not in set(_ext().supported_isas()):
         return None
     return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
@@ -434,7 +443,7 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     key = f"{_key(torch.float32, d, torch.get_num_threads(), 'bundled')}/{wtype}"
     path = cache_file()
     doc = _load_cache(path)
-    entry = doc.get("entries", {}).get(key)
+    entry = _entry(doc, key)
     if entry and entry.get("isa") in set(ext.supported_isas()):
         return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
                             "cached", entry.get("gbps"), False, "bundled")
@@ -567,7 +576,7 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     key = f"prompt/{_key(w.dtype, d, torch.get_num_threads(), layout)}/D{D}"
     path = cache_file()
     doc = _load_cache(path)
-    entry = doc.get("entries", {}).get(key)
+    entry = _entry(doc, key)
     if entry is not None:
         return PromptCopy(float(entry["min_tokens"]), "cached", entry.get("ms"))
     if tune is False or (tune == "auto" and _ffn_bytes(sites) < MIN_MEASURED_FFN_BYTES):

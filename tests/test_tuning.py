@@ -167,6 +167,29 @@ def test_measured_once_then_cached(cache, setting, monkeypatch):
     unpatch(model)
 
 
+def test_a_measurement_of_another_build_is_measured_again(cache, setting, monkeypatch):
+    """Kernels change between builds (a faster quantized path changes its best neurons in flight):
+    a cached setting only counts for the build of the core that measured it."""
+    model = tm.build("qwen2")
+    calls = []
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: calls.append(1) or real(*a, **{**k, "rounds": 1}))
+    patch(model, method="griffin", keep=0.5, tune=True, layout="separate")
+    unpatch(model)
+    doc = json.loads(tuning.cache_file().read_text())
+    assert doc["entries"] and len(calls) == 1
+    for entry in doc["entries"].values():
+        assert entry["build"] == _ext.build_id()
+        entry["build"] = "0" * 16  # as written by an older build
+    tuning.cache_file().write_text(json.dumps(doc))
+    patch(model, method="griffin", keep=0.5, tune=True, layout="separate")
+    assert session(model).decode_tuning.source == "measured" and len(calls) == 2
+    unpatch(model)
+    patch(model, method="griffin", keep=0.5, tune=True, layout="separate")
+    assert session(model).decode_tuning.source == "cached" and len(calls) == 2
+    unpatch(model)
+
+
 def test_corrupt_cache_is_ignored_and_replaced(cache, setting, caplog):
     path = tuning.cache_file()
     path.parent.mkdir(parents=True)
