@@ -443,10 +443,9 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     key = f"{_key(torch.float32, d, torch.get_num_threads(), 'bundled')}/{wtype}"
     path = cache_file()
     doc = _load_cache(path)
-    entry = _entry(doc, key)
-    if entry and entry.get("isa") in set(ext.supported_isas()):
-        return DecodeTuning(entry["isa"], int(entry["neurons_in_flight"]), int(entry["prefetch_neurons"]),
-                            "cached", entry.get("gbps"), False, "bundled")
+    cached_setting = _cached_entry(doc, key, "bundled")
+    if cached_setting is not None:
+        return cached_setting
     gated = all(len(q.rows) == 3 for q in qffns)
     nbytes = sum(q.nbytes for q in qffns)
     if tune is False or not gated or (tune == "auto" and nbytes < MIN_MEASURED_FFN_BYTES):

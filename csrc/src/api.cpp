@@ -255,7 +255,7 @@ glass_status run_ffn(glass_dtype dtype, FfnArgs& a, const char* what, int qtype 
   a.nchunks = nch;
   decode_tuning(&a.group, &a.prefetch);
   a.xlen = x_floats(btd, qtype >= 0);
-  a.buf_len = ((rows * a.d + 15) / 16) * 16;
+  a.buf_len = round16(rows * a.d);
   try {
     a.acc = g_ws.get(static_cast<size_t>(a.xlen + a.buf_len * nch * nseq));
   } catch (const std::bad_alloc&) {

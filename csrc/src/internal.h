@@ -77,9 +77,15 @@ static inline void quantize_x16(const float* x, int64_t d, int16_t* q, float* s)
 
 constexpr int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 // Workspace floats ahead of the chunk buffers for n = B * T * d input values: x in fp32, and for
-// quantized rows also x in 16-bit fixed point (n int16) with one fp32 scale per block of 32.
+// quantized rows also x in 16-bit fixed point (n int16) with one fp32 scale per block of 32
+// (x_fixed_point says where).
 constexpr int64_t x_floats(int64_t n, bool quantized) {
   return round16(n) + (quantized ? round16(n / 2) + round16(n / kQBlock) : 0);
+}
+// The fixed-point x's values and block scales in a workspace laid out by x_floats(n, true).
+static inline void x_fixed_point(float* ws, int64_t n, int16_t** q, float** s) {
+  *q = reinterpret_cast<int16_t*>(ws + round16(n));
+  *s = ws + round16(n) + round16(n / 2);
 }
 
 // One call of sparse_ffn / sparse_mlp after validation. The per-ISA driver owns threading.

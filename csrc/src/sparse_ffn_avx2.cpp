@@ -58,7 +58,7 @@ static inline float vhsum(vfloat v) {
   return _mm_cvtss_f32(s);
 }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-// quantized weights (quant_rows.inc): 8 int8 values, chunk c of a Q4_0 block, the fp16 scale (F16C)
+// quantized weights (quant_rows.inc): 8 int8 values, chunk c of a Q4_0 block
 static inline vfloat vload_q8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -68,7 +68,6 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 8c..8c+7: c 
   b = _mm_and_si128(b, _mm_set1_epi8(15));
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(8)));
 }
-static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 // quant_rows.inc: the scales of up to 8 blocks in one gather (4 bytes at each block's start: its
 // scale and two codes, all inside the block), and the products of codes and x in integers:
 // 32 codes times 32 int16 values summed in pairs (16 + 16) into 8 int32 lanes.

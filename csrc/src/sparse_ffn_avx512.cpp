@@ -47,9 +47,9 @@ static inline vfloat vload(const bf16_t* p) {
 static inline vfloat vload(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-// n < 16 elements, the rest zero (masked loads never touch memory past the mask).
+// The first n <= 16 lanes (n < 16 in the tails: the rest zero; masked loads never touch memory past
+// the mask).
 static inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-static inline __mmask16 tail_mask16(int n) { return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u); }
 static inline vfloat vload_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
 static inline vfloat vload_tail(const bf16_t* p, int64_t n) {
   __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
@@ -65,7 +65,7 @@ static inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 static inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 static inline float vhsum(vfloat v) { return _mm512_reduce_add_ps(v); }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-// quantized weights (quant_rows.inc): 16 int8 values, chunk c of a Q4_0 block, the fp16 scale (F16C)
+// quantized weights (quant_rows.inc): 16 int8 values, chunk c of a Q4_0 block
 static inline vfloat vload_q8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -75,7 +75,6 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 16c..16c+15:
   b = _mm_and_si128(b, _mm_set1_epi8(15));
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8)));
 }
-static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 // quant_rows.inc: the scales of up to 16 blocks in one gather (4 bytes at each block's start: its
 // scale and two codes, all inside the block), and the products of codes and x in integers:
 // 32 codes times 32 int16 values summed in pairs into 16 int32 lanes (|lane| <= 2 * 128 * 32767).
@@ -83,7 +82,7 @@ template <class Q>
 static inline vfloat block_scales(const Q* b, int n) {
   const __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(sizeof(Q))));
-  const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask16(n), off, b, 1);
+  const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), off, b, 1);
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
 }
 constexpr bool kQIntDot = true;
