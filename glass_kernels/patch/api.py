@@ -11,6 +11,7 @@ from .config import NEEDS_GLOBAL, GlassConfig
 from .modules import GlassFFN
 from ..ffn import find_ffn_sites
 from ..ffn.layout import restore_layer
+from .saving import plain_weights_hook
 from .schedule import GlassState, Session
 
 logger = logging.getLogger("glass_kernels.patch")
@@ -59,6 +60,8 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
     runs on the views, or on contiguous copies made a layer at a time where that measured faster
     (``session(model).prompt_copy``). Patching an already patched model raises RuntimeError:
     ``unpatch`` first. ``unpatch(model)`` restores the original modules and weight layout.
+    While patched, ``state_dict()`` (and so ``save_pretrained``) gives the FFN weights as plain
+    tensors in the original layout (dequantized where ``weights`` quantized them; patch/saving.py).
 
     Memory overhead (the weights are not copied; ``session(model).memory_overhead()`` reports
     it): per layer, int32 global ranks [D] (a-/i-glass, global) and fp32 ||W_down[:, i]|| [D]
@@ -122,6 +125,8 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         model.register_forward_pre_hook(state.pre_hook, with_kwargs=True),
         # always_call: the backend context opened by the pre-hook is closed even if forward raises.
         model.register_forward_hook(state.post_hook, with_kwargs=True, always_call=True),
+        # state_dict() / save_pretrained: the FFN weights as plain tensors in their original layout
+        model.register_state_dict_post_hook(plain_weights_hook(model, sites, state.quantized)),
     ]
     _wrap_generate(model, state)
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)

@@ -3,8 +3,8 @@
 At patch time each layer's FFN operands (neuron-major [D, d] rows: gate, up, down^T; or in, out^T)
 are quantized (glass_kernels.quant: ggml's Q8_0 / Q4_0 blocks) into one neuron-bundled
 [D, n, row_bytes] uint8 block, and the float parameters are released (they hold no elements while patched,
-so nothing can compute with them silently; ``state_dict`` of a model patched this way shows them
-empty: unpatch before saving): the model then holds the FFN
+so nothing can compute with them silently; ``state_dict`` / ``save_pretrained`` of the patched
+model give their dequantized values instead, patch/saving.py): the model then holds the FFN
 once, in 8 or 4.5 bits per weight.
 
 * Decode steps read the selected rows through ``quant.sparse_ffn_q`` / ``sparse_mlp_q``.
