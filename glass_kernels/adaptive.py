@@ -18,6 +18,13 @@ A :class:`SelectionFit`, stored in the statistics file beside the global statist
 * ``keep_shrink``: how much of that reallocation is applied (0 = the uniform split, 1 = all of it).
   The loss curves add up one-layer-at-a-time measurements, which overstates what moving neurons
   between layers gains when every layer is sparse at once; the share is fitted by KL like τ.
+* ``refine_keeps`` / ``refine``: the *joint-context refinement* of that split, per fitted keep: with
+  every layer sparse at the fitted allocation, each layer is given one step (D / 16 neurons) more and
+  one step less, and the output's KL change per weight element says what its neurons are worth in
+  the model as it will run; steps then move from the cheapest layers to the most valuable ones
+  (:func:`plan_moves`, at most L / 3 moves, each while its gain exceeds its cost), kept only if the
+  moved split lowers the KL on the same prompts. Other keeps use the nearest refined keep's changes
+  scaled by the ratio of the keeps.
 
 How the fit is made (:func:`fit_selection`): prompts (by default the evaluation's tune split, at four
 prompt lengths) are continued greedily by the dense model. For each prompt and layer, the *oracle*
@@ -28,7 +35,8 @@ KL(dense ‖ sparse) on the continuations; the proxy only ranks the layers (τ_l
 proxy optimum / the all-layer proxy optimum); each layer's loss curve is the proxy's complement
 scaled to a measured KL: the model's output with only that layer sparse, at two keeps (TEAL-style
 per-layer sensitivity); the share of the reallocation is the grid value with the lowest KL of the
-whole model (every layer sparse, λ(n) with the shared τ). Nothing here is tuned on held-out prompts. What the options gave on the
+whole model (every layer sparse, λ(n) with the shared τ); the refinement measures on the per-layer
+sensitivity prompts. Nothing here is tuned on held-out prompts. What the options gave on the
 real models: README, "Adaptive selection" (they stay opt-in).
 """
 
@@ -43,6 +51,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .ffn import find_ffn_sites
 from .patch.config import kept_neurons
 from .patch.selection import select_per_row
 from .stats import stat_ranks
@@ -60,6 +69,8 @@ KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 SENSITIVITY_KEEPS = (0.5, 0.25)
 # Shares of the fitted per-layer reallocation scored by KL (0 = uniform split, 1 = the whole allocation).
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The refinement moves neurons between layers in steps of D / REFINE_STEPS.
+REFINE_STEPS = 16
 # The proxy's keeps: the range users run (docs/method.md's evaluation keeps).
 FIT_KEEPS = (0.5, 0.3)
 
@@ -82,6 +93,10 @@ class SelectionFit:
     layer_loss: torch.Tensor  # fp64 [L, G], each row non-increasing
     meta: dict = dataclasses.field(default_factory=dict)
     keep_shrink: float = 1.0  # share of the loss-curve reallocation applied (files from before it: 1)
+    # the joint-context refinement: per fitted keep, each layer's change of kept fraction (files from
+    # before it: none)
+    refine_keeps: torch.Tensor | None = None  # fp64 [K]
+    refine: torch.Tensor | None = None  # fp64 [K, L], (k_refined - k) / D per layer
 
     def __post_init__(self) -> None:
         self.tau = float(self.tau)
@@ -101,6 +116,21 @@ class SelectionFit:
         self.keep_shrink = float(self.keep_shrink)
         if not 0.0 <= self.keep_shrink <= 1.0:  # also rejects NaN
             raise ValueError(f"keep_shrink must be in [0, 1], got {self.keep_shrink}")
+        self._check_refine(L)
+
+    def _check_refine(self, L: int) -> None:
+        keeps = torch.zeros(0) if self.refine_keeps is None else torch.as_tensor(self.refine_keeps, dtype=torch.float64)
+        self.refine_keeps = keeps.reshape(-1)
+        K = self.refine_keeps.numel()
+        if self.refine is None and K:
+            raise ValueError("refine_keeps without refine")
+        self.refine = torch.zeros(K, L, dtype=torch.float64) if self.refine is None \
+            else torch.as_tensor(self.refine, dtype=torch.float64)
+        if tuple(self.refine.shape) != (K, L):
+            raise ValueError(f"refine must have shape [{K}, {L}] (one row per refined keep), got {tuple(self.refine.shape)}")
+        if bool((self.refine_keeps <= 0).any()) or bool((self.refine_keeps > 1).any()) \
+                or not bool(torch.isfinite(self.refine).all()) or bool((self.refine.abs() > 1).any()):
+            raise ValueError("refine_keeps must lie in (0, 1] and refine in [-1, 1]")
 
     @property
     def num_layers(self) -> int:
@@ -135,12 +165,30 @@ class SelectionFit:
         uniform = [kept_neurons(keep, d) for d in D]
         budget = sum(k * r for k, r in zip(uniform, row_elems))
         if self.keep_shrink == 0.0:
-            return uniform
-        full = self.allocate(keep, D, row_elems)
-        if self.keep_shrink == 1.0:
-            return full
-        k = [max(1, u + math.floor(self.keep_shrink * (f - u))) for u, f in zip(uniform, full)]
-        return self._spend(k, budget, D, row_elems)
+            k = uniform
+        elif self.keep_shrink == 1.0:
+            k = self.allocate(keep, D, row_elems)
+        else:
+            full = self.allocate(keep, D, row_elems)
+            k = [max(1, u + math.floor(self.keep_shrink * (f - u))) for u, f in zip(uniform, full)]
+            k = self._spend(k, budget, D, row_elems)
+        return self._refined(k, keep, budget, D, row_elems)
+
+    def _refined(self, k: list[int], keep: float, budget: int, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
+        """``k`` with the joint-context refinement of the nearest refined keep, its changes of kept
+        fraction scaled by keep / that keep; rounding never exceeds the budget (what it leaves is spent
+        as in the allocation)."""
+        if self.refine_keeps.numel() == 0:
+            return k
+        j = int((self.refine_keeps - keep).abs().argmin())
+        scale = keep / float(self.refine_keeps[j])
+        moved = [min(d, max(1, kk + round(scale * float(self.refine[j, l]) * d))) for l, (kk, d) in enumerate(zip(k, D))]
+        spent = sum(m * r for m, r in zip(moved, row_elems))
+        for l in sorted(range(len(D)), key=lambda l: k[l] - moved[l]):  # the largest gains give back first
+            while spent > budget and moved[l] > max(1, k[l]):
+                moved[l] -= 1
+                spent -= row_elems[l]
+        return self._spend(moved, budget, D, row_elems)
 
     def allocate(self, keep: float, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
         """The loss curves' split of the uniform budget: starting from 1/4 of the uniform fraction
@@ -180,21 +228,29 @@ class SelectionFit:
 
     # ---- storage (inside the GlobalStats safetensors file) ---------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"fit.tau": torch.tensor([self.tau], dtype=torch.float64),
-                "fit.layer_tau": torch.tensor(self.layer_tau, dtype=torch.float64),
-                "fit.keep_grid": self.keep_grid.clone(), "fit.layer_loss": self.layer_loss.clone(),
-                "fit.keep_shrink": torch.tensor([self.keep_shrink], dtype=torch.float64)}
+        out = {"fit.tau": torch.tensor([self.tau], dtype=torch.float64),
+               "fit.layer_tau": torch.tensor(self.layer_tau, dtype=torch.float64),
+               "fit.keep_grid": self.keep_grid.clone(), "fit.layer_loss": self.layer_loss.clone(),
+               "fit.keep_shrink": torch.tensor([self.keep_shrink], dtype=torch.float64)}
+        if self.refine_keeps.numel():
+            out |= {"fit.refine_keeps": self.refine_keeps.clone(), "fit.refine": self.refine.clone()}
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "SelectionFit":
         shrink = tensors.get("fit.keep_shrink")
         return cls(float(tensors["fit.tau"].reshape(-1)[0]), tensors["fit.layer_tau"].tolist(),
                    tensors["fit.keep_grid"], tensors["fit.layer_loss"], dict(meta),
-                   1.0 if shrink is None else float(shrink.reshape(-1)[0]))
+                   1.0 if shrink is None else float(shrink.reshape(-1)[0]),
+                   tensors.get("fit.refine_keeps"), tensors.get("fit.refine"))
+
+    def unrefined(self) -> "SelectionFit":
+        """This fit without the joint-context refinement (the evaluation scores what it adds)."""
+        return dataclasses.replace(self, refine_keeps=None, refine=None)
 
     # every fit holds these; OPTIONAL_TENSOR_NAMES are absent from files written before they existed
     TENSOR_NAMES = ("fit.tau", "fit.layer_tau", "fit.keep_grid", "fit.layer_loss")
-    OPTIONAL_TENSOR_NAMES = ("fit.keep_shrink",)
+    OPTIONAL_TENSOR_NAMES = ("fit.keep_shrink", "fit.refine_keeps", "fit.refine")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +386,9 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
     4. per-layer loss curves: the captured share at every keep of KEEP_GRID, scaled to the KL of the
        output with only that layer sparse, measured at two keeps on ``sensitivity_prompts`` prompts;
     5. the share of the curves' reallocation applied (SHRINK_GRID): the lowest KL of the whole model
-       on the tau prompts' continuations (every layer sparse at once).
+       on the tau prompts' continuations (every layer sparse at once);
+    6. the joint-context refinement of the split at each of FIT_KEEPS (module docstring), on the
+       ``sensitivity_prompts``: 2 L + 2 passes of them per keep.
 
     Cost (SmolLM2-135M, defaults, 2 cores): a few minutes, most of it the per-layer passes."""
     from .evaluation.run import _pad_id, dense_continuations, make_batch, reference_pass
@@ -392,6 +450,12 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
     shrink = min(SHRINK_GRID, key=lambda a: (shrink_kl[a], a))  # a tie goes to the smaller share
     say(f"fit: share of the per-layer keep reallocation {shrink:g} (KL by share: "
         + ", ".join(f"{a:g} {v:.4f}" for a, v in shrink_kl.items()) + ")")
+    fit = dataclasses.replace(fit, keep_shrink=shrink)
+    refine, refine_report = _refine_allocation(model, stats.with_fit(fit), refs,
+                                               [s.handler.row_elems for s in find_ffn_sites(model)], progress)
+    say("fit: joint-context refinement " + "; ".join(
+        f"keep {k}: KL {r['kl_fitted']:.4f} -> {r['kl_refined']:.4f}, {len(r['moves'])} moves"
+        + ("" if r["applied"] else " (not applied)") for k, r in refine_report.items()))
     meta = {"tau_objective": "KL(dense || sparse) on the fit prompts' continuations, keeps 0.5 and 0.3",
             "tau_kl": {f"{t:g}": v for t, v in kl.mean().items()}, "kl_prompts": kl.sequences,
             "layer_objective": "captured share of the continuation's activation statistic, rescaled to tau",
@@ -402,8 +466,12 @@ def fit_selection(model, tok, stats, *, prompts: Sequence[Sequence[int]] | None 
             "keep_shrink_objective": "KL(dense || sparse) of the whole model on the tau prompts' continuations, "
                                      "lambda(n) with the shared tau, keeps 0.5 and 0.3",
             "keep_shrink_kl": {f"{a:g}": v for a, v in shrink_kl.items()},
+            "refine_objective": "KL(dense || sparse) of the whole model on the sensitivity prompts, every layer "
+                                "sparse at the fitted allocation; one step = D / 16 neurons",
+            "refine": refine_report,
             "seconds": round(time.perf_counter() - t0, 1)}
-    fit = SelectionFit(tau, layer_tau, torch.tensor(KEEP_GRID), loss, meta, shrink)
+    fit = SelectionFit(tau, layer_tau, torch.tensor(KEEP_GRID), loss, meta, shrink,
+                       torch.tensor(FIT_KEEPS, dtype=torch.float64), refine)
     say(f"fit done in {meta['seconds']} s")
     return stats.with_fit(fit)
 
@@ -440,16 +508,18 @@ def _fit_config(keep: float):
     return GlassConfig(method="griffin", keep=keep, layout="separate", tune=False)
 
 
-def _aggregate_sets(ref, ranks, D: Sequence[int], lam: Callable[[int], torch.Tensor], keep: float,
+def _aggregate_sets(ref, ranks, D: Sequence[int], lam: Callable[[int], torch.Tensor], k: float | Sequence[int],
                     only: int | None = None) -> list[torch.Tensor]:
-    """Per layer [B, k] A-GLASS sets at per-row lambda ``lam(layer)`` from the reference's prompt
-    statistics; with ``only``, every other layer keeps all its neurons (it then runs dense)."""
+    """Per layer [B, k_l] A-GLASS sets at per-row lambda ``lam(layer)`` from the reference's prompt
+    statistics (``k``: a keep fraction for every layer, or neurons per layer); with ``only``, every
+    other layer keeps all its neurons (it then runs dense)."""
+    ks = [kept_neurons(k, d) for d in D] if isinstance(k, float) else list(k)
     out = []
     for l, d in enumerate(D):
         if only is not None and l != only:
             out.append(torch.arange(d, dtype=torch.int32)[None])  # one set shared by every row
             continue
-        out.append(select_per_row(ref.prompt_stat[l], ranks[l], lam(l), kept_neurons(keep, d)).to(torch.int32))
+        out.append(select_per_row(ref.prompt_stat[l], ranks[l], lam(l), ks[l]).to(torch.int32))
     return out
 
 
@@ -541,6 +611,87 @@ def _layer_sensitivity(model, stats, refs, layer_tau, progress) -> dict[float, t
         tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
     _close(bar)
     return {keep: v / max(1, tokens) for keep, v in out.items()}
+
+
+def plan_moves(gain: Sequence[float], cost: Sequence[float], max_moves: int) -> list[tuple[int, int]]:
+    """(from, to) layer pairs of the refinement: the most valuable layers (KL gained per weight
+    element by one more step of neurons, every layer sparse) paired with the cheapest (KL lost per
+    element by one step less), best pairs first, while the gain exceeds the cost; a layer either
+    gives or takes, once."""
+    L = len(gain)
+    takers = sorted(range(L), key=lambda l: -gain[l])
+    givers = sorted(range(L), key=lambda l: cost[l])
+    moves: list[tuple[int, int]] = []
+    used: set[int] = set()
+    t = g = 0
+    while len(moves) < max_moves and t < L and g < L:
+        if takers[t] in used:
+            t += 1
+        elif givers[g] in used or givers[g] == takers[t]:
+            g += 1
+        elif gain[takers[t]] <= cost[givers[g]]:
+            break
+        else:
+            moves.append((givers[g], takers[t]))
+            used |= {givers[g], takers[t]}
+            t, g = t + 1, g + 1
+    return moves
+
+
+def apply_moves(k: Sequence[int], moves, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
+    """``k`` with each move's step (D_from / REFINE_STEPS neurons) taken from one layer and its weight
+    elements given to the other (as many whole neurons as they pay for, at most D_to)."""
+    out = list(k)
+    for src, dst in moves:
+        step = min(max(1, D[src] // REFINE_STEPS), out[src] - 1)
+        out[src] -= step
+        out[dst] = min(D[dst], out[dst] + step * row_elems[src] // row_elems[dst])
+    return out
+
+
+def _refine_allocation(model, stats, refs, row_elems, progress) -> tuple[torch.Tensor, dict]:
+    """The joint-context refinement (module docstring, step 6): per FIT_KEEPS, each layer's KL change
+    per element for one step more and one step less of its neurons while every other layer stays at
+    the fitted allocation, the moves :func:`plan_moves` picks, kept if they lower the KL of the same
+    prompts. Returns the [K, L] changes of kept fraction and the measurements (for the file's meta)."""
+    from .evaluation.run import continuation_logits
+
+    D, L = stats.D, stats.num_layers
+    ranks = stats.ranks("activation")
+    tokens = sum(int(ref.logits.shape[0] * ref.logits.shape[1]) for _, ref in refs)
+    bar = _bar(len(refs) * len(FIT_KEEPS) * (2 * L + 2), "fit: per-layer keep refinement", progress)
+
+    def kl(k: list[int]) -> float:
+        total = 0.0
+        for batch, ref in refs:
+            lam = lam_of_length(stats.fit.tau, batch.mask.sum(1))
+            sets = _aggregate_sets(ref, ranks, D, lambda l: lam, k)
+            total += _kl_sum(ref, continuation_logits(model, batch, ref, _fit_config(0.5), None, sets))
+            if bar is not None:
+                bar.update(1)
+        return total / max(1, tokens)
+
+    rows, report = [], {}
+    for keep in FIT_KEEPS:
+        base = stats.fit.unrefined().layer_k(keep, D, row_elems)
+        kl_base = kl(base)
+        gain, cost = [], []
+        for l in range(L):
+            more, less = list(base), list(base)
+            step = max(1, D[l] // REFINE_STEPS)
+            more[l] = min(D[l], base[l] + step)
+            less[l] = max(1, base[l] - step)
+            gain.append((kl_base - kl(more)) / max(1, (more[l] - base[l]) * row_elems[l]))
+            cost.append((kl(less) - kl_base) / max(1, (base[l] - less[l]) * row_elems[l]) if less[l] < base[l]
+                        else math.inf)
+        moves = plan_moves(gain, cost, L // 3)
+        moved = apply_moves(base, moves, D, row_elems)
+        kl_moved = kl(moved) if moves else kl_base
+        keep_it = kl_moved < kl_base
+        rows.append([(m - b) / d if keep_it else 0.0 for m, b, d in zip(moved, base, D)])
+        report[f"{keep:g}"] = {"kl_fitted": kl_base, "kl_refined": kl_moved, "moves": moves, "applied": keep_it}
+    _close(bar)
+    return torch.tensor(rows, dtype=torch.float64), report
 
 
 def _bar(total: int, desc: str, enabled: bool):

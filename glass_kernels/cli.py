@@ -467,7 +467,10 @@ def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
     f = stats.fit
     lam40 = float(lam_of_length(f.tau, torch.tensor([40]))[0])
     print(f"selection fit: tau {f.tau:g} (lambda {lam40:.2f} at 40 prompt tokens); per-layer tau "
-          f"{[round(t) for t in f.layer_tau]}", file=out)
+          f"{[round(t) for t in f.layer_tau]}; per-layer keep: share {f.keep_shrink:g} of the reallocation, "
+          + ", ".join(f"keep {k}: tune KL {r['kl_fitted']:.4f} -> {r['kl_refined']:.4f} refined"
+                      + ("" if r["applied"] else " (not applied)") for k, r in f.meta.get("refine", {}).items()),
+          file=out)
     return stats
 
 

@@ -136,6 +136,47 @@ def test_layer_k_applies_the_share_of_the_reallocation(keep):
     assert moved == sorted(moved)  # a larger share moves at least as many neurons
 
 
+def test_plan_moves_pairs_the_most_valuable_with_the_cheapest():
+    gain = [5.0, 1.0, 9.0, 0.5, 3.0, 2.0]
+    cost = [6.0, 0.2, 8.0, 0.1, 4.0, 2.5]
+    # takers by gain: 2, 0, 4, 5, 1, 3; givers by cost: 3, 1, 5, 4, 0, 2
+    assert A.plan_moves(gain, cost, 6) == [(3, 2), (1, 0), (5, 4)]  # then 5 (2.0) would take from 4: spent
+    assert A.plan_moves(gain, cost, 1) == [(3, 2)]
+    assert A.plan_moves([1.0, 1.0], [2.0, 2.0], 5) == []  # no gain exceeds a cost
+    moves = A.plan_moves([3.0, 0.0, 0.0], [0.0, 1.0, 1.0], 3)  # layer 0 is best and cheapest: it only takes
+    assert moves == [(1, 0)]
+
+
+def test_apply_moves_keeps_the_budget():
+    D, rows = [160, 160, 160], [6, 6, 6]
+    k = A.apply_moves([80, 80, 80], [(0, 2)], D, rows)
+    assert k == [70, 80, 90] and sum(k) == 240
+    k = A.apply_moves([80, 40], [(0, 1)], [160, 64], [6, 9])  # unequal rows: whole neurons the elements pay for
+    assert k == [70, 46] and 70 * 6 + 46 * 9 <= 80 * 6 + 40 * 9
+    assert A.apply_moves([3, 80], [(0, 1)], [160, 160], [6, 6])[0] == 1  # a layer keeps at least one neuron
+
+
+def _refined(fit, keeps, rows):
+    return dataclasses.replace(fit, refine_keeps=torch.tensor(keeps, dtype=torch.float64),
+                               refine=torch.tensor(rows, dtype=torch.float64))
+
+
+def test_layer_k_applies_the_refinement_of_the_nearest_keep():
+    fit = _fit(L=3)
+    D, rows = [160, 160, 160], [6, 6, 6]
+    ref = _refined(fit, [0.5, 0.25], [[-1 / 16, 0.0, 1 / 16], [0.0, 1 / 16, -1 / 16]])
+    base = fit.layer_k(0.5, D, rows)
+    assert ref.layer_k(0.5, D, rows) == [base[0] - 10, base[1], base[2] + 10]
+    assert ref.unrefined().layer_k(0.5, D, rows) == base
+    base = fit.layer_k(0.3, D, rows)  # nearest refined keep 0.25, changes scaled by 0.3 / 0.25
+    assert ref.layer_k(0.3, D, rows) == [base[0], base[1] + 12, base[2] - 12]
+    for keep in (0.05, 0.4, 0.9, 1.0):  # never beyond the uniform budget, every layer within [1, D]
+        k = ref.layer_k(keep, [90, 300, 40], [7, 5, 9])
+        uniform = [max(1, math.floor(keep * d + 1e-9)) for d in (90, 300, 40)]
+        assert sum(a * r for a, r in zip(k, [7, 5, 9])) <= sum(u * r for u, r in zip(uniform, [7, 5, 9]))
+        assert all(1 <= a <= d for a, d in zip(k, (90, 300, 40)))
+
+
 def test_selection_fit_validates():
     with pytest.raises(ValueError, match="tau"):
         _fit(tau=-1.0)
@@ -148,6 +189,14 @@ def test_selection_fit_validates():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="keep_shrink"):
             A.SelectionFit(1.0, [1.0], torch.tensor([0.2, 0.5]), torch.zeros(1, 2), keep_shrink=bad)
+    fit = _fit(L=2)
+    with pytest.raises(ValueError, match="shape"):
+        _refined(fit, [0.5], [[0.0, 0.0, 0.0]])
+    for keeps, rows in (([0.0], [[0.0, 0.0]]), ([0.5], [[2.0, 0.0]]), ([0.5], [[float("nan"), 0.0]])):
+        with pytest.raises(ValueError, match="refine"):
+            _refined(fit, keeps, rows)
+    with pytest.raises(ValueError, match="refine_keeps without refine"):
+        A.SelectionFit(1.0, [1.0, 2.0], fit.keep_grid, fit.layer_loss, refine_keeps=torch.tensor([0.5]))
 
 
 # ---- storage --------------------------------------------------------------------------------------
@@ -160,6 +209,7 @@ def test_fit_round_trips_through_the_stats_file(model, fitted, tmp_path):
     assert torch.equal(back.fit.layer_loss, fitted.fit.layer_loss)
     assert back.fit.meta == fitted.fit.meta
     assert back.fit.keep_shrink == fitted.fit.keep_shrink
+    assert torch.equal(back.fit.refine_keeps, fitted.fit.refine_keeps) and torch.equal(back.fit.refine, fitted.fit.refine)
     # stats without a fit still load, and say so when an adaptive option needs one
     plain = random_stats(model)
     plain.save(tmp_path / "plain.safetensors")
@@ -188,6 +238,25 @@ def test_fit_file_from_before_the_share_loads_with_the_whole_reallocation(model,
     _save_without(fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=0.25)), p, "fit.keep_shrink")
     back = gk.GlobalStats.load(p, model=model)
     assert back.fit.keep_shrink == 1.0 and back.fit.tau == fitted.fit.tau
+
+
+def test_fit_file_from_before_the_refinement_loads_unrefined(model, fitted, tmp_path):
+    p = tmp_path / "s.safetensors"
+    refined = fitted.with_fit(_refined(fitted.fit, [0.5], [[0.0625, -0.0625]]))
+    _save_without(refined, p, "fit.refine")
+    with pytest.raises(StatsFileError, match="refine_keeps without refine"):  # half of it: refused
+        gk.GlobalStats.load(p)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(p))
+    del tensors["fit.refine_keeps"]
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        header = f.metadata()
+    save_file(tensors, str(p), metadata=header)
+    back = gk.GlobalStats.load(p, model=model)
+    assert back.fit.refine_keeps.numel() == 0 and back.fit.refine.shape == (0, 2)
 
 
 def test_partial_fit_in_file_is_rejected(model, fitted, tmp_path):
@@ -291,6 +360,12 @@ def test_fit_selection_on_a_tiny_model(model, fitted):
     assert fit.keep_shrink == min(A.SHRINK_GRID, key=lambda a: (shrink_kl[f"{a:g}"], a))
     # share 0 is the uniform split at the shared tau, which the tau search scored on the same tokens
     assert shrink_kl["0"] == pytest.approx(fit.meta["tau_kl"][f"{fit.tau:g}"], rel=1e-6)
+    # the refinement: one row per fitted keep, applied only where it lowered the KL of its prompts
+    assert fit.refine_keeps.tolist() == list(A.FIT_KEEPS) and fit.refine.shape == (len(A.FIT_KEEPS), 2)
+    for j, keep in enumerate(A.FIT_KEEPS):
+        r = fit.meta["refine"][f"{keep:g}"]
+        assert r["applied"] == (r["kl_refined"] < r["kl_fitted"])
+        assert bool(fit.refine[j].any()) == r["applied"]
     with pytest.raises(ValueError, match="at least one prompt"):
         gk.fit_selection(model, _Tok(), random_stats(model), prompts=[], progress=False)
 

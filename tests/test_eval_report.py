@@ -209,12 +209,15 @@ def _adaptive(gain):
 
     options = study_options()
     base = {"griffin": 2.0, "lam=0.25": 1.6, "lam=0.5": 1.5, "lam=0.75": 1.55, "lam=1": 1.7, "length": 1.45,
-            "layer": 1.44, "length+keep": 1.4, "layer+keep": 1.5 * (1 - gain), "length+keep-all": 1.46}
+            "layer": 1.44, "length+keep": 1.4, "layer+keep": 1.5 * (1 - gain), "length+keep-unrefined": 1.42,
+            "length+keep-all": 1.46}
     rows = [{"variant": "template", "context_tokens": c, "prompt_tokens_mean": 40 + c,
              "results": {f"{o.name}@0.5": {"kl": base[o.name] * f, "kl_sem": 0.01} for o in options}}
             for c, f in ((0, 1.0), (64, 0.8))]
     src = {"fit": {"tau": 128.0, "layer_tau": [100.0, 200.0], "keep_shrink": 0.25,
-                   "meta": {"seconds": 1.0, "keep_shrink_kl": {"0": 1.3, "0.25": 1.2, "1": 1.4}}}, "stats": {},
+                   "meta": {"seconds": 1.0, "keep_shrink_kl": {"0": 1.3, "0.25": 1.2, "1": 1.4},
+                            "refine": {"0.5": {"kl_fitted": 1.2, "kl_refined": 1.1, "moves": [[0, 1]],
+                                               "applied": True}}}}, "stats": {},
            "rows": rows, "bytes_per_token": {f"{o.name}@0.5": 2 ** 20 for o in options}}
     src["summary"] = summarize(src, options, [0.5])
     return {"buckets": [0, 64], "keeps": [0.5], "gen_tokens": 8, "variants": ["template"], "tune_prompts": 2,
@@ -233,6 +236,7 @@ def test_adaptive_section_table_verdict_and_plot(tmp_path):
     assert "best new option layer+keep: -20.0% mean KL vs the best single lambda (lam=0.5)" in md
     assert "meets the bar" in md
     assert "share 0.25 of the reallocation (tune KL by share: 0 1.3000, 0.25 1.2000, 1 1.4000)" in md
+    assert "Joint-context refinement (sensitivity prompts): keep 0.5 KL 1.2000 -> 1.1000 by 1 moves" in md
     s = _adaptive(0.05)["sources"]["nps"]["summary"]["template@0.5"]
     from glass_kernels.evaluation.adaptive_report import adaptive_verdict
 

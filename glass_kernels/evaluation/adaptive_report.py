@@ -12,7 +12,7 @@ __all__ = ["adaptive_markdown", "plot_adaptive", "adaptive_verdict", "TARGET_GAI
 TARGET_GAIN = 0.10
 WORST_BUCKET = 0.02
 
-NEW = ("length", "layer", "length+keep", "layer+keep", "length+keep-all")
+NEW = ("length", "layer", "length+keep", "layer+keep", "length+keep-unrefined", "length+keep-all")
 
 
 def _f(x, nd=3) -> str:
@@ -55,7 +55,7 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
          f"{a['tune_prompts']} tune prompts x {len(a['buckets'])} lengths); each bucket prepends that many tokens of "
          "other prompts. Options: griffin (lambda 0), lam=x (one lambda), length (lambda = tau / (tau + n), n "
          "= prompt tokens), layer (one tau per layer), +keep (per-layer keep from the fit, the same FFN bytes "
-         "per token, applied by the fitted share of the reallocation; +keep-all: all of it). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
+         "per token, applied by the fitted share of the reallocation and refined with every layer sparse; +keep-unrefined: before that refinement; +keep-all: all of the reallocation, unrefined). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
          "chosen in hindsight on these held-out prompts (the strictest comparison). Variants: template = the "
          "chat template as shipped; no-system = an empty system turn instead of the template's default "
          "system prompt." + ("" if chat_template else " This model has no chat template: its prompts are the raw "
@@ -93,8 +93,14 @@ def _share_line(fit: dict) -> str:
     by_share = fit["meta"].get("keep_shrink_kl")
     if not by_share:
         return "Per-layer keep: the whole reallocation (no share fitted). "
-    return (f"Per-layer keep: share {fit.get('keep_shrink', 1.0):g} of the reallocation (tune KL by share: "
+    line = (f"Per-layer keep: share {fit.get('keep_shrink', 1.0):g} of the reallocation (tune KL by share: "
             + ", ".join(f"{a} {v:.4f}" for a, v in by_share.items()) + "). ")
+    refine = fit["meta"].get("refine")
+    if refine:
+        line += "Joint-context refinement (sensitivity prompts): " + "; ".join(
+            f"keep {k} KL {r['kl_fitted']:.4f} -> {r['kl_refined']:.4f} by {len(r['moves'])} moves"
+            + ("" if r["applied"] else ", not applied") for k, r in refine.items()) + ". "
+    return line
 
 
 def plot_adaptive(a: dict, name: str, path: Path) -> Path:

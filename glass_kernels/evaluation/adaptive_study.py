@@ -37,6 +37,7 @@ class Option:
     lam: float | str = 0.75
     keep_split: str = "uniform"
     keep_share: float | None = None  # share of the fitted reallocation (None: the fit's own)
+    refined: bool = True  # False: without the fit's joint-context refinement of the split
 
     def config(self, keep: float):
         from ..patch import GlassConfig
@@ -52,10 +53,13 @@ class Option:
 
     def stats(self, fitted):
         """The statistics this option patches with: ``fitted``, or a copy whose fit applies
-        ``keep_share`` of its per-layer reallocation."""
-        if self.keep_share is None:
+        ``keep_share`` of its per-layer reallocation and/or drops its refinement."""
+        if self.keep_share is None and self.refined:
             return fitted
-        return fitted.with_fit(dataclasses.replace(fitted.fit, keep_shrink=self.keep_share))
+        fit = fitted.fit if self.refined else fitted.fit.unrefined()
+        if self.keep_share is not None:
+            fit = dataclasses.replace(fit, keep_shrink=self.keep_share)
+        return fitted.with_fit(fit)
 
 
 def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
@@ -64,8 +68,10 @@ def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
     out += [Option("length", lam="length"), Option("layer", lam="layer"),
             Option("length+keep", lam="length", keep_split="fitted"),
             Option("layer+keep", lam="layer", keep_split="fitted"),
-            # the loss curves' allocation in full, as before the share was fitted
-            Option("length+keep-all", lam="length", keep_split="fitted", keep_share=1.0)]
+            # the fitted split before its joint-context refinement (what the refinement adds)
+            Option("length+keep-unrefined", lam="length", keep_split="fitted", refined=False),
+            # the loss curves' allocation in full, unrefined, as before the share was fitted
+            Option("length+keep-all", lam="length", keep_split="fitted", keep_share=1.0, refined=False)]
     return out
 
 
