@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import statistics
@@ -40,8 +41,22 @@ import torch
 from glass_kernels import _C as this_build, quant
 from glass_kernels.ffn.layout import huge_pages_copy
 
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 GIB = 1 << 30
-REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_helpers() -> types.ModuleType:
+    """The benchmarks' shared helpers (benchmarks/conftest.py), by path: under pytest the name
+    ``conftest`` belongs to the tests' own."""
+    spec = importlib.util.spec_from_file_location("glass_benchmarks_conftest", HERE / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_helpers = _load_helpers()
+covering_sets, machine_info = _helpers.covering_sets, _helpers.machine_info
 DEFAULT_CASES = ("float32:2048x8192:0.5:1", "bfloat16:2048x8192:0.5:1", "float32:576x1536:0.5:1",
                  "q8_0:2048x8192:0.5:1", "q8_0:2048x8192:0.5:4", "q4_0:2048x8192:0.5:1", "q8_0:576x1536:0.5:1")
 QUANTIZED = ("q8_0", "q4_0")
@@ -54,9 +69,9 @@ def build_revision(rev: str) -> Path:
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
                          capture_output=True, text=True).stdout.strip()
     out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glass_kernels" / "ab-builds" / sha
-    found = sorted(out.glob("_C*.so")) + sorted(out.glob("_C*.pyd"))
+    found = _built(out)
     if found:
-        return found[0]
+        return found
     import pybind11
 
     print(f"building {rev} ({sha[:12]}) into {out} ...", flush=True)
@@ -64,7 +79,7 @@ def build_revision(rev: str) -> Path:
         src = Path(tmp) / "src"
         archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", sha], check=True,
                                  capture_output=True).stdout
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(src, filter="data")
         build = Path(tmp) / "build"
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
@@ -72,10 +87,16 @@ def build_revision(rev: str) -> Path:
                         f"-DGLASS_PYTHON_OUTPUT_DIR={out}", "-DGLASS_BUILD_PYTHON=ON", "-DGLASS_BUILD_TESTS=OFF"],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(build), "--target", "_C"], check=True, stdout=subprocess.DEVNULL)
-    found = sorted(out.glob("_C*.so")) + sorted(out.glob("_C*.pyd"))
+    found = _built(out)
     if not found:
         raise SystemExit(f"the build of {rev} left no _C extension in {out}")
-    return found[0]
+    return found
+
+
+def _built(folder: Path) -> Path | None:
+    """The _C extension file in ``folder``, if one was built there."""
+    found = sorted(folder.glob("_C*.so")) + sorted(folder.glob("_C*.pyd"))
+    return found[0] if found else None
 
 
 def load_build(path: Path) -> types.ModuleType:
@@ -105,25 +126,21 @@ def parse_case(text: str) -> tuple[str, int, int, float, int]:
     return case
 
 
+def row_bytes(wtype: str, d: int) -> int:
+    """Bytes of one neuron's row of ``d`` weights."""
+    return quant.row_bytes(wtype, d) if wtype in QUANTIZED else d * getattr(torch, wtype).itemsize
+
+
 def bundled_layers(wtype: str, d: int, D: int, total_bytes: int = GIB) -> list[tuple[torch.Tensor, ...]]:
     """>= total_bytes of layers (at least 2), each one huge-page-advised [D, 3, row] block seen as (gate, up, down^T)."""
     g = torch.Generator().manual_seed(0)
-    row = quant.row_bytes(wtype, d) if wtype in QUANTIZED else d * torch.empty(0, dtype=getattr(torch, wtype)).element_size()
     out = []
-    for _ in range(max(2, -(-total_bytes // (3 * D * row)))):
+    for _ in range(max(2, -(-total_bytes // (3 * D * row_bytes(wtype, d))))):
         mats = [torch.randn(D, d, generator=g) / d**0.5 for _ in range(3)]
         mats = [quant.quantize(m, wtype) if wtype in QUANTIZED else m.to(getattr(torch, wtype)) for m in mats]
         block = huge_pages_copy(torch.stack(mats, dim=1))
         out.append(tuple(block[:, j] for j in range(3)))
     return out
-
-
-def index_sets(D: int, keep: float) -> list[torch.Tensor]:
-    """Sorted index sets of keep * D neurons that together cover all D (one random permutation cut in
-    pieces), so a pass reads every row of every layer before any repeats."""
-    k = max(1, int(keep * D))
-    perm = torch.randperm(D, generator=torch.Generator().manual_seed(1))
-    return [perm[(torch.arange(k) + j * k) % D].sort().values.to(torch.int32) for j in range(-(-D // k))]
 
 
 def caller(mod, wtype: str, x: torch.Tensor, y: torch.Tensor):
@@ -164,10 +181,8 @@ def run_case(builds: dict, case, rounds: int, total_bytes: int = GIB) -> dict:
     difference of their outputs on the last call (0 unless the change alters the numerics)."""
     wtype, d, D, keep, tokens = case
     layers = bundled_layers(wtype, d, D, total_bytes)
-    sets = index_sets(D, keep)
-    k = sets[0].numel()
-    row = quant.row_bytes(wtype, d) if wtype in QUANTIZED else layers[0][0].element_size() * d
-    nbytes = 3 * k * row  # per call; the same rows serve every token
+    sets = covering_sets(D, keep)  # a pass reads every row of every layer before any repeats
+    nbytes = 3 * sets[0].numel() * row_bytes(wtype, d)  # per call; the same rows serve every token
     xdtype = torch.float32 if wtype in QUANTIZED else getattr(torch, wtype)
     x = torch.randn(1, tokens, d).to(xdtype)
     ys = {name: torch.empty_like(x) for name in builds}
@@ -212,8 +227,7 @@ def main(argv=None) -> None:
             mod.set_isa(a.isa)
         if a.in_flight:
             mod.set_decode_tuning(a.in_flight, mod.get_decode_tuning()[1])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    info = __import__("conftest").machine_info()
+    info = machine_info()
     head = {name: {"file": str(getattr(mod, "__file__", "")), "isa": mod.get_isa(),
                    "decode_tuning": list(mod.get_decode_tuning())} for name, mod in builds.items()}
     print(f"{info.get('cpu', '?')}, {a.threads} threads, torch {torch.__version__}; " + "; ".join(

@@ -161,7 +161,7 @@ def _bench_module(name: str):
 
 def kernel_rows(d: int, D: int, keep: float, rounds: int) -> list[dict]:
     tk = _bench_module("test_kernels")
-    sets = tk._selections(D, keep)
+    sets = _bench_module("conftest").covering_sets(D, keep)
     k = sets[0].numel()
     x = torch.randn(1, 1, d)
     y = torch.empty_like(x)

@@ -2,7 +2,8 @@
 
 Generic helpers only: machine description, thread control, a session-wide table of measured
 times (so a later case can report its ratio to an earlier baseline of the same run), and the
-quick-subset switch (GLASS_BENCH_QUICK=1, or `-m quick`).
+quick-subset switch (GLASS_BENCH_QUICK=1, or `-m quick`), and the index sets a cold case cycles
+through (covering_sets; the A/B scripts use them too).
 """
 from __future__ import annotations
 
@@ -89,3 +90,15 @@ def _restore_threads():
 
 def median_s(benchmark) -> float:
     return float(benchmark.stats.stats.median)
+
+
+def covering_sets(D: int, keep: float) -> list[torch.Tensor]:
+    """ceil(1 / keep) index sets of k = keep * D neurons that together cover all D: consecutive pieces
+    of one random permutation (the last wraps around), each sorted. A case cycles through layers x
+    sets, so it reads every row of every layer before any repeats: >= 1 GiB between two reads of the
+    same bytes, at any keep (one set would repeat after keep x 1 GiB, which a VM's reported 480 MiB
+    L3 may partly hold)."""
+    k = max(1, int(keep * D))
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(D, generator=g)
+    return [perm[(torch.arange(k) + j * k) % D].sort().values.to(torch.int32) for j in range(-(-D // k))]

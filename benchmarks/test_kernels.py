@@ -49,7 +49,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import machine_info, median_s, quick_mode, set_threads
+from conftest import covering_sets, machine_info, median_s, quick_mode, set_threads
 
 _C = pytest.importorskip("glass_kernels._C", reason="the C++ extension is not built (pip install -e .)")
 from glass_kernels import _ext, tuning  # noqa: E402
@@ -151,18 +151,6 @@ def _get_layers(d, D, dtype) -> Layers:
     return _layers_cache[key]
 
 
-def _selections(D: int, keep: float) -> list[torch.Tensor]:
-    """ceil(1 / keep) index sets of k = keep * D neurons that together cover all D: consecutive pieces
-    of one random permutation (the last wraps around), each sorted. A case cycles through layers x
-    sets, so it reads every row of every layer before any repeats: >= 1 GiB between two reads of the
-    same bytes, at any keep (one set would repeat after keep x 1 GiB, which a VM's reported 480 MiB
-    L3 may partly hold)."""
-    k = max(1, int(keep * D))
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(D, generator=g)
-    return [perm[(torch.arange(k) + j * k) % D].sort().values.to(torch.int32) for j in range(-(-D // k))]
-
-
 class _Cycle:
     """The (layer, index set) of each call: all layers with one set, then all layers with the next."""
 
@@ -259,7 +247,7 @@ def test_decode_ffn(benchmark, results, case):
     set_threads(nt)
     lay = _get_layers(d, D, dtype)
     x = lay.x
-    sets = _selections(D, keep)
+    sets = covering_sets(D, keep)
     idx = sets[0]
     k = idx.numel()
     nbytes = lay.layer_bytes * (1.0 if impl == "dense" else k / D)

@@ -638,19 +638,24 @@ def plan_moves(gain: Sequence[float], cost: Sequence[float], max_moves: int) -> 
     return moves
 
 
+def _refine_step(D: int) -> int:
+    """Neurons one step of the refinement moves in a layer of D."""
+    return max(1, D // REFINE_STEPS)
+
+
 def apply_moves(k: Sequence[int], moves, D: Sequence[int], row_elems: Sequence[int]) -> list[int]:
     """``k`` with each move's step (D_from / REFINE_STEPS neurons) taken from one layer and its weight
     elements given to the other (as many whole neurons as they pay for, at most D_to)."""
     out = list(k)
     for src, dst in moves:
-        step = min(max(1, D[src] // REFINE_STEPS), out[src] - 1)
+        step = min(_refine_step(D[src]), out[src] - 1)
         out[src] -= step
         out[dst] = min(D[dst], out[dst] + step * row_elems[src] // row_elems[dst])
     return out
 
 
 def _refine_allocation(model, stats, refs, row_elems, progress) -> tuple[torch.Tensor, dict]:
-    """The joint-context refinement (module docstring, step 6): per FIT_KEEPS, each layer's KL change
+    """The joint-context refinement (fit_selection, step 6): per FIT_KEEPS, each layer's KL change
     per element for one step more and one step less of its neurons while every other layer stays at
     the fitted allocation, the moves :func:`plan_moves` picks, kept if they lower the KL of the same
     prompts. Returns the [K, L] changes of kept fraction and the measurements (for the file's meta)."""
@@ -678,7 +683,7 @@ def _refine_allocation(model, stats, refs, row_elems, progress) -> tuple[torch.T
         gain, cost = [], []
         for l in range(L):
             more, less = list(base), list(base)
-            step = max(1, D[l] // REFINE_STEPS)
+            step = _refine_step(D[l])
             more[l] = min(D[l], base[l] + step)
             less[l] = max(1, base[l] - step)
             gain.append((kl_base - kl(more)) / max(1, (more[l] - base[l]) * row_elems[l]))
