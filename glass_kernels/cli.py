@@ -453,7 +453,7 @@ def run_calibrate(args, loader: Loader, out=sys.stdout) -> int:
 
 
 def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
-    from .adaptive import fit_prompts, fit_selection, lam_of_length
+    from .adaptive import fit_prompts, fit_selection, lam_of_length, refine_summary
 
     texts = None
     if prompts_file:
@@ -468,8 +468,7 @@ def _fit(model, tok, stats, prompts_file: str | None, *, progress: bool, out):
     lam40 = float(lam_of_length(f.tau, torch.tensor([40]))[0])
     print(f"selection fit: tau {f.tau:g} (lambda {lam40:.2f} at 40 prompt tokens); per-layer tau "
           f"{[round(t) for t in f.layer_tau]}; per-layer keep: share {f.keep_shrink:g} of the reallocation, "
-          + ", ".join(f"keep {k}: tune KL {r['kl_fitted']:.4f} -> {r['kl_refined']:.4f} refined"
-                      + ("" if r["applied"] else " (not applied)") for k, r in f.meta.get("refine", {}).items()),
+          + "; refinement " + "; ".join(refine_summary(k, r) for k, r in f.meta.get("refine", {}).items()),
           file=out)
     return stats
 

@@ -360,14 +360,40 @@ def test_fit_selection_on_a_tiny_model(model, fitted):
     assert fit.keep_shrink == min(A.SHRINK_GRID, key=lambda a: (shrink_kl[f"{a:g}"], a))
     # share 0 is the uniform split at the shared tau, which the tau search scored on the same tokens
     assert shrink_kl["0"] == pytest.approx(fit.meta["tau_kl"][f"{fit.tau:g}"], rel=1e-6)
-    # the refinement: one row per fitted keep, applied only where it lowered the KL of its prompts
+    # the refinement: one row per fitted keep; the number of moves applied is the one with the lowest
+    # KL on the check prompts (the KL-scored batch the sensitivity passes did not see), a tie to fewer
     assert fit.refine_keeps.tolist() == list(A.FIT_KEEPS) and fit.refine.shape == (len(A.FIT_KEEPS), 2)
-    for j, keep in enumerate(A.FIT_KEEPS):
-        r = fit.meta["refine"][f"{keep:g}"]
-        assert r["applied"] == (r["kl_refined"] < r["kl_fitted"])
-        assert bool(fit.refine[j].any()) == r["applied"]
+    assert fit.meta["refine_check_prompts"] == 4
+    _check_refinement(fit)
     with pytest.raises(ValueError, match="at least one prompt"):
         gk.fit_selection(model, _Tok(), random_stats(model), prompts=[], progress=False)
+
+
+def _check_refinement(fit):
+    for j, keep in enumerate(A.FIT_KEEPS):
+        r = fit.meta["refine"][f"{keep:g}"]
+        scored = {int(n): v for n, v in r["check_kl"].items()}
+        assert 0 in scored and len(r["moves"]) in scored
+        assert r["applied_moves"] == min(scored, key=lambda n: (scored[n], n))
+        assert bool(fit.refine[j].any()) == (r["applied_moves"] > 0)
+        assert A.refine_summary(f"{keep:g}", r).startswith(f"keep {keep:g}: {r['applied_moves']} of ")
+
+
+def test_fit_without_check_prompts_lets_the_sensitivity_prompts_decide(model):
+    """When every KL-scored batch was also a sensitivity batch, no other prompts are left: the
+    sensitivity prompts' KL picks the number of moves (recorded as such)."""
+    fit = gk.fit_selection(model, _Tok(), random_stats(model), prompts=_prompts(), gen_tokens=8, batch_size=4,
+                           sensitivity_prompts=8, progress=False).fit
+    assert fit.meta["refine_check_prompts"] == "the sensitivity prompts"
+    _check_refinement(fit)
+    for keep in A.FIT_KEEPS:
+        assert fit.meta["refine"][f"{keep:g}"]["check_kl"]["0"] == fit.meta["refine"][f"{keep:g}"]["kl_fitted"]
+
+
+def test_refine_summary_reads_fits_from_before_the_check():
+    old = {"kl_fitted": 1.2, "kl_refined": 1.1, "moves": [[0, 1], [2, 3]], "applied": True}
+    assert A.refine_summary("0.5", old) == "keep 0.5: KL 1.2000 -> 1.1000 by 2 moves (sensitivity prompts)"
+    assert A.refine_summary("0.3", old | {"applied": False}).endswith("by 2 moves, not applied (sensitivity prompts)")
 
 
 def test_fit_rejects_stats_of_another_model(model):

@@ -236,7 +236,7 @@ def test_adaptive_section_table_verdict_and_plot(tmp_path):
     assert "best new option layer+keep: -20.0% mean KL vs the best single lambda (lam=0.5)" in md
     assert "meets the bar" in md
     assert "share 0.25 of the reallocation (tune KL by share: 0 1.3000, 0.25 1.2000, 1 1.4000)" in md
-    assert "Joint-context refinement (sensitivity prompts): keep 0.5 KL 1.2000 -> 1.1000 by 1 moves" in md
+    assert "Joint-context refinement: keep 0.5: KL 1.2000 -> 1.1000 by 1 moves (sensitivity prompts)" in md
     s = _adaptive(0.05)["sources"]["nps"]["summary"]["template@0.5"]
     from glass_kernels.evaluation.adaptive_report import adaptive_verdict
 

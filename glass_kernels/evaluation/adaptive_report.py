@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..adaptive import refine_summary
+
 __all__ = ["adaptive_markdown", "plot_adaptive", "adaptive_verdict", "TARGET_GAIN"]
 
 # The acceptance bar of the study: the best new option's KL, averaged over the length buckets, at
@@ -97,9 +99,7 @@ def _share_line(fit: dict) -> str:
             + ", ".join(f"{a} {v:.4f}" for a, v in by_share.items()) + "). ")
     refine = fit["meta"].get("refine")
     if refine:
-        line += "Joint-context refinement (sensitivity prompts): " + "; ".join(
-            f"keep {k} KL {r['kl_fitted']:.4f} -> {r['kl_refined']:.4f} by {len(r['moves'])} moves"
-            + ("" if r["applied"] else ", not applied") for k, r in refine.items()) + ". "
+        line += "Joint-context refinement: " + "; ".join(refine_summary(k, r) for k, r in refine.items()) + ". "
     return line
 
 
