@@ -1,8 +1,10 @@
 """Turns the JSON of `pytest benchmarks/test_kernels.py --benchmark-json=FILE` into the markdown
 tables of the README: per case the median time, GB/s, and the ratios to torch dense and to the
-torch compacted copy of the same run; then the bandwidth and selection-cost rows.
+torch compacted copy of the same run; then the bandwidth and selection-cost rows; last, the summary
+the README shows (the faster gathered layout per case; the median and range over runs when given
+several JSON files of the same command).
 
-    python benchmarks/kernel_table.py kernels.json [> table.md]
+    python benchmarks/kernel_table.py kernels.json [more.json ...] [> table.md]
 """
 from __future__ import annotations
 
@@ -36,8 +38,7 @@ def _pct(e: dict, run_stream: dict) -> str:
 
 def tables(data: dict) -> str:
     benches = data.get("benchmarks", [])
-    decode = [b for b in benches if b["extra_info"].get("impl") in ("dense", "compact", "sparse1", "sparse", "bundled",
-                                                                    "q8_0", "q4_0")]
+    decode = _decode_cases(data)
     # the run's STREAM-like read per thread count (the faster of torch.sum and the plain read probe):
     # the bound of cases that carry no STREAM figure of their own
     stream: dict = {}
@@ -82,15 +83,7 @@ def tables(data: dict) -> str:
                 f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} | "
                 f"{'' if sd is None else f'{sd:.2f}'} | {'' if sc is None else f'{sc:.2f}'} |")
         lines.append("")
-        # per case the faster of the two gathered layouts (what patch's layout="auto" would take)
-        best: dict = {}
-        for b in decode:
-            e = b["extra_info"]
-            if e.get("impl") in ("sparse", "bundled"):
-                k = (e["d"], e["D"], e["dtype"], e["threads"], e["keep"])
-                if k not in best or e.get("speedup_vs_compact", 0) > best[k].get("speedup_vs_compact", 0):
-                    best[k] = e
-        slower = [e for e in best.values() if e.get("speedup_vs_compact", 1.0) < 0.95]
+        slower = [e for e in faster_layouts(decode).values() if e.get("speedup_vs_compact", 1.0) < 0.95]
         if slower:
             lines.append("**The gathered kernel is slower than the compacted copy (by more than 5%) here:** " + "; ".join(
                 f"{e['d']}x{e['D']} {e['dtype']} keep {e['keep']} ({e['impl']} {e['speedup_vs_compact']:.2f}x)"
@@ -108,6 +101,58 @@ def tables(data: dict) -> str:
                          f"{_fmt_ms(b['stats']['median'])} | {e.get('gbps', '')} | {pct} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _decode_cases(data: dict) -> list:
+    return [b for b in data.get("benchmarks", []) if b["extra_info"].get("impl") in
+            ("dense", "compact", "sparse1", "sparse", "bundled", "q8_0", "q4_0")]
+
+
+def faster_layouts(decode: list) -> dict:
+    """Per case (d, D, dtype, threads, keep) the extra_info of the faster of the two gathered layouts,
+    what patch's layout="auto" would take (the same bytes, so the higher GB/s)."""
+    best: dict = {}
+    for b in decode:
+        e = b["extra_info"]
+        if e.get("impl") in ("sparse", "bundled") and e.get("gbps"):
+            k = (e["d"], e["D"], e["dtype"], e["threads"], e["keep"])
+            if k not in best or e["gbps"] > best[k]["gbps"]:
+                best[k] = e
+    return best
+
+
+def _spread(values: list, fmt: str, unit: str = "") -> str:
+    """One run's value, or the median (min-max) of several."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return ""
+    if len(values) == 1:
+        return format(values[0], fmt) + unit
+    n = len(values)
+    med = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    return f"{format(med, fmt)}{unit} ({format(values[0], fmt)}-{format(values[-1], fmt)}{unit})"
+
+
+def summary(runs: list) -> str:
+    """The README's table: per case the faster gathered layout of each run (its layout and neurons
+    in flight), its GB/s, % of the STREAM-like read beside it, and its speed-up over torch dense and
+    over the compacted copy of the same run; with several runs, the median (min-max) over them."""
+    per_run = [faster_layouts(_decode_cases(r)) for r in runs]
+    keys = sorted({k for run in per_run for k in run}, key=lambda k: (k[0] * k[1], k[2] != "float32", k[2], k[3], -k[4]))
+    lines = [f"The faster gathered layout per case ({len(runs)} run(s); median (min-max) over runs where "
+             "several; ~ = the STREAM-like read moved by more than 15% across the case in that many runs):", "",
+             "| d x D | dtype | threads | keep | layout (in flight) | GB/s | % of STREAM | x torch dense "
+             "| x compacted copy |", "|---|---|---|---|---|---|---|---|---|"]
+    for k in keys:
+        es = [run[k] for run in per_run if k in run]
+        layouts = ", ".join(f"{e['impl']} ({e.get('neurons_in_flight', '?')})" for e in es)
+        pct = [100 * e["gbps"] / e["stream_gbps"] for e in es if e.get("stream_gbps")]
+        drifted = sum(_drifted(e) for e in es)
+        lines.append(f"| {k[0]}x{k[1]} | {k[2]} | {k[3]} | {k[4]} | {layouts} | {_spread([e['gbps'] for e in es], '.1f')}"
+                     f" | {_spread(pct, '.0f', '%')}{' ' + '~' * drifted if drifted else ''} | "
+                     f"{_spread([e.get('speedup_vs_dense') for e in es], '.2f')} | "
+                     f"{_spread([e.get('speedup_vs_compact') for e in es], '.2f')} |")
+    return "\n".join(lines + [""])
 
 
 def _quantized_table(decode: list, stream: dict) -> list[str]:
@@ -143,11 +188,15 @@ def _quantized_table(decode: list, stream: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark JSON file")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) of the same command")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
-    sys.stdout.write(tables(data))
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            runs.append(json.load(f))
+    for data in runs:
+        sys.stdout.write(tables(data) + "\n")
+    sys.stdout.write(summary(runs))
     return 0
 
 

@@ -47,3 +47,21 @@ def test_older_files_fall_back_to_the_run_stream_test():
     table = kt.tables(data)
     assert _row(table, "bundled")[8] == "80%"  # the faster of the two stream tests
     assert "marked ~" not in table
+
+
+def test_summary_takes_the_faster_layout_and_spreads_several_runs():
+    kt = _kernel_table()
+
+    def run(sep, bun, stream):
+        return {"benchmarks": [
+            _case("sparse", sep, 0.004, stream_gbps=stream, speedup_vs_compact=sep / 20, neurons_in_flight=8),
+            _case("bundled", bun, 0.004, stream_gbps=stream, speedup_vs_compact=bun / 20, neurons_in_flight=4)]}
+
+    one = kt.summary([run(20.0, 24.0, 30.0)])
+    assert _row(one, "float32")[4:] == ["bundled (4)", "24.0", "80%", "", "1.20"]
+    three = kt.summary([run(20.0, 24.0, 30.0), run(26.0, 22.0, 26.0), run(21.0, 25.0, 25.0)])
+    row = _row(three, "float32")
+    assert row[4] == "bundled (4), sparse (8), bundled (4)"  # each run's own faster layout
+    assert row[5] == "25.0 (24.0-26.0)"  # median (min-max) over the runs
+    assert row[6] == "100% (80-100%)"
+    assert "3 run(s)" in three
