@@ -11,7 +11,7 @@ from .config import NEEDS_GLOBAL, GlassConfig
 from .modules import GlassFFN
 from ..ffn import find_ffn_sites
 from ..ffn.layout import restore_layer
-from .saving import plain_weights_hook
+from .saving import plain_weights_hook, refuse_ffn_load_hook
 from .schedule import GlassState, Session
 
 logger = logging.getLogger("glass_kernels.patch")
@@ -128,6 +128,12 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
         # state_dict() / save_pretrained: the FFN weights as plain tensors in their original layout
         model.register_state_dict_post_hook(plain_weights_hook(model, sites, state.quantized)),
     ]
+    stale = [why for why, cond in (("holds them as quantized rows (its float parameters are released)",
+                                    config.weights is not None),
+                                   ("was patched with global statistics checked against them", stats is not None))
+             if cond]
+    if stale:  # new FFN weights would leave what the patch derived from them behind (patch/saving.py)
+        hooks.append(model.register_load_state_dict_pre_hook(refuse_ffn_load_hook(model, sites, " and ".join(stale))))
     _wrap_generate(model, state)
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
     logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)

@@ -13,6 +13,12 @@ model is patched, a state-dict hook replaces each FFN entry that is not a plain 
 ``save_pretrained`` / ``torch.save(model.state_dict())`` then write an ordinary checkpoint that the
 unpatched architecture loads. The copies exist while the state dict does (at most the FFN's float
 weights once more); entries that already are plain contiguous tensors are passed through uncopied.
+
+Loading goes the other way only where nothing the patch derived from the weights goes stale:
+``load_state_dict`` with FFN weights is refused with a clear error when the model holds quantized
+rows (the float parameters hold no elements: torch's size-mismatch message would name no cause) or
+was patched with global statistics (they were checked against the weights they belong to, and would
+silently steer the selection of other weights). Unpatch, load, and patch again.
 """
 
 from __future__ import annotations
@@ -52,3 +58,21 @@ def _dequantized(q) -> dict[int, torch.Tensor]:
     """id(param) -> its dequantized weights (fresh tensors) for one layer of quantized rows."""
     with q.dense_weights():
         return {id(p): p.detach().clone() for p in q.params}
+
+
+def refuse_ffn_load_hook(model: nn.Module, sites, why: str) -> Callable:
+    """A ``register_load_state_dict_pre_hook`` hook that raises when the incoming state dict holds
+    FFN weights of the patched sites; ``why``: what the patch derived from them (for the message)."""
+    ffn = {id(p) for site in sites for p in site.handler.weight_params(site.module)}
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        keys = [prefix + name for name, p in model.named_parameters(remove_duplicate=False)
+                if id(p) in ffn and prefix + name in state_dict]
+        if keys:
+            raise RuntimeError(
+                f"load_state_dict would replace the FFN weights of a model patched by glass_kernels "
+                f"({keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}), which {why}. "
+                "Unpatch first (glass_kernels.unpatch(model)), load, then patch again"
+                + (" with statistics of the new weights" if "statistics" in why else "") + ".")
+
+    return hook
