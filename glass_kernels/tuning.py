@@ -51,6 +51,11 @@ MIN_MEASURED_FFN_BYTES = 64 << 20
 # Other processes' CPU use (cores) above which a measurement is not cached: it would freeze noise.
 BUSY_CORES = 0.25
 _FORMAT = 3  # 2: compact-read candidates and "compact_faster"; 3: layouts, prompt-copy entries
+# Settings measured on a busy machine in this process, by cache key: not written to disk (noise), but
+# not measured again at every patch either (a demo patching a model 30 times on a loaded machine
+# spent most of its time re-measuring, with the same warning each time).
+_BUSY_SETTINGS: dict[tuple[str, str], object] = {}  # (cache file, key) -> setting
+_BUSY_SOURCE = "measured on a busy machine earlier in this process, not cached"
 LAYOUTS = ("auto", "separate", "bundled")
 # The bundled layout is taken only when it measured clearly faster: otherwise the parameters keep
 # the layout closest to the original.
@@ -376,6 +381,8 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     hit = _cached_entry(doc, key, fixed)
     if hit is not None and not force:
         return hit
+    if (str(path), key) in _BUSY_SETTINGS and not force:
+        return _BUSY_SETTINGS[(str(path), key)]
     layers = _gated_layers(sites)
     big = _ffn_bytes(sites) >= MIN_MEASURED_FFN_BYTES
     if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not big):
@@ -394,7 +401,9 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         # A choice made while other processes competed for the memory system is noise: use it for
         # this model, but do not keep it (the next patch on a quiet machine measures again).
         logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
-                       "using it now but not caching it (`python -m glass_kernels tune` on a quiet machine)", busy)
+                       "using it in this process but not caching it (`python -m glass_kernels tune` on a quiet "
+                       "machine)", busy)
+        _BUSY_SETTINGS[(str(path), key)] = DecodeTuning(isa, nf, pf, _BUSY_SOURCE, table, faster_copy, lay)
         return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy, lay)
     _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": lay, "gbps": table,
@@ -446,6 +455,8 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     cached_setting = _cached_entry(doc, key, "bundled")
     if cached_setting is not None:
         return cached_setting
+    if (str(path), key) in _BUSY_SETTINGS:
+        return _BUSY_SETTINGS[(str(path), key)]
     gated = all(len(q.rows) == 3 for q in qffns)
     nbytes = sum(q.nbytes for q in qffns)
     if tune is False or not gated or (tune == "auto" and nbytes < MIN_MEASURED_FFN_BYTES):
@@ -456,6 +467,7 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     isa, nf, pf = _simplest_best(gbps, list(gbps))
     table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     if busy is not None and busy > BUSY_CORES:
+        _BUSY_SETTINGS[(str(path), key)] = DecodeTuning(isa, nf, pf, _BUSY_SOURCE, table, False, "bundled")
         return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, False, "bundled")
     _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": "bundled", "gbps": table,
@@ -578,6 +590,8 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     entry = _entry(doc, key)
     if entry is not None:
         return PromptCopy(float(entry["min_tokens"]), "cached", entry.get("ms"))
+    if (str(path), key) in _BUSY_SETTINGS:
+        return _BUSY_SETTINGS[(str(path), key)]
     if tune is False or (tune == "auto" and _ffn_bytes(sites) < MIN_MEASURED_FFN_BYTES):
         # as for the decode setting, tiny (test) models are not timed: the default
         return PromptCopy(0.0 if w.dtype != torch.float32 else float("inf"), "default")
@@ -585,7 +599,8 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     ms = measure_prompt_copy(sites[0], params)
     busy = other_load(before, cpu_sample())
     min_tokens = copy_threshold(ms)
-    if busy is not None and busy > BUSY_CORES:  # used now, not kept (as the decode setting)
+    if busy is not None and busy > BUSY_CORES:  # used in this process, not kept (as the decode setting)
+        _BUSY_SETTINGS[(str(path), key)] = PromptCopy(min_tokens, _BUSY_SOURCE, ms)
         return PromptCopy(min_tokens, "measured on a busy machine, not cached", ms)
     _remember(path, doc, key, {
         "min_tokens": min_tokens, "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},

@@ -37,6 +37,7 @@ def cache(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     # a quiet machine, whatever else runs beside the tests (the busy case has its own test)
     monkeypatch.setattr(tuning, "other_load", lambda before, after: 0.0)
+    monkeypatch.setattr(tuning, "_BUSY_SETTINGS", {})  # no busy measurement of another test
     return tmp_path
 
 
@@ -283,6 +284,17 @@ def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(cache, setting, 
         out = model(torch.tensor([[5, 6, 7]]), use_cache=True)
         model(torch.tensor([[8]]), **glass_kernels.hf_compat.cache_kwargs(model, glass_kernels.hf_compat.output_cache(out)))
     assert setting.get_decode_tuning() == (t.neurons_in_flight, t.prefetch_neurons)
+    unpatch(model)
+    # patched again in the same process: that setting again, neither measured nor warned about anew
+    caplog.clear()
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured again"))
+    with caplog.at_level(logging.WARNING, logger="glass_kernels.tuning"):
+        patch(model, method="griffin", keep=0.5, tune=True)
+    again = session(model).decode_tuning
+    assert (again.isa, again.neurons_in_flight, again.prefetch_neurons) == (t.isa, t.neurons_in_flight,
+                                                                            t.prefetch_neurons)
+    assert "earlier in this process" in again.source and not caplog.records
+    assert not tuning.cache_file().exists()
     unpatch(model)
 
 
