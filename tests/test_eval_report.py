@@ -102,6 +102,21 @@ def test_bench_rows_speedup_and_amdahl():
     assert "test_kernel[x]" in md
 
 
+def test_a_patched_keep_one_case_is_its_own_row_not_the_dense_one():
+    doc = fake_bench()
+    doc["benchmarks"].insert(2, _bench("test_decode[m-keep1]", "decode", "m", 1.0, 0.9, tokens_per_s=35.0,
+                                       method="a-glass", dense_paired_median_s=0.99, decode_steps=64,
+                                       sparse_decode_steps=64))
+    rows = BR.e2e_rows(doc)["m"]
+    assert rows["dense"]["decode"]["tokens_per_s"] == 32.0  # the unpatched case survives
+    assert rows["decode"][1.0]["speedup"] == pytest.approx(1.1)  # 0.99 / 0.9, paired
+    assert rows["decode"][0.5]["speedup"] == pytest.approx(1.25)  # 1.0 / 0.8: against the dense case
+    md = BR.markdown(doc)
+    assert "| dense | dense | 2 | 32.0 | 1.00x | - | - | - |" in md
+    assert "| 1 | a-glass | 2 | 35.0 | 1.10x | 1.00x | 1.00x | 64 of 64 |" in md
+    assert BR.sparse_step_lines(doc) == ["m keep 1: 1.10x of dense, 64 of 64 decode steps ran sparse"]
+
+
 def test_bench_report_history_and_compare(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(fake_bench(1.0)))

@@ -33,24 +33,34 @@ def load_bench(path: str | os.PathLike) -> dict:
     return doc
 
 
+def _is_dense(info: dict) -> bool:
+    """The unpatched case (files from before the method was recorded: the keep-1.0 case)."""
+    return info["method"] == "dense" if "method" in info else float(info.get("keep", 1.0)) == 1.0
+
+
 def e2e_rows(doc: dict) -> dict:
-    """Group the end-to-end cases: {model: {"share": f, "decode": {keep: info}, "ttft": {keep: info}}}."""
+    """Group the end-to-end cases: {model: {"share": f, "decode": {keep: info}, "ttft": {keep: info},
+    "dense": {"decode": info | None, "ttft": info | None}}}; "decode" / "ttft" hold the patched cases
+    only (a patched keep 1.0 is a case of its own, not the dense one)."""
     out: dict = {}
     for b in doc["benchmarks"]:
         info = b.get("extra_info") or {}
         kind, model = info.get("kind"), info.get("model")
         if kind not in ("mlp_share", "decode", "ttft") or model is None:
             continue
-        m = out.setdefault(model, {"share": None, "decode": {}, "ttft": {}})
+        m = out.setdefault(model, {"share": None, "decode": {}, "ttft": {}, "dense": {"decode": None, "ttft": None}})
         med = b["stats"]["median"]
         if kind == "mlp_share":
             m["share"] = info.get("mlp_share")
+            continue
+        row = dict(info, median_s=med, iqr_s=b["stats"].get("iqr"), rounds=b["stats"].get("rounds"), name=b["name"])
+        if _is_dense(info):
+            m["dense"][kind] = row
         else:
-            m[kind][float(info.get("keep", 1.0))] = dict(info, median_s=med, iqr_s=b["stats"].get("iqr"),
-                                                        rounds=b["stats"].get("rounds"), name=b["name"])
+            m[kind][float(info.get("keep", 1.0))] = row
     # speed-ups recomputed from the medians (a filtered run may lack the dense case's extra_info link)
     for m in out.values():
-        dense = m["decode"].get(1.0)
+        dense = m["dense"]["decode"]
         for keep, r in m["decode"].items():
             if m["share"] is None and r.get("mlp_share") is not None:
                 m["share"] = r["mlp_share"]
@@ -154,7 +164,7 @@ def sparse_step_lines(doc: dict) -> list[str]:
     for model, m in e2e_rows(doc).items():
         for keep in sorted(m["decode"], reverse=True):
             r = m["decode"][keep]
-            if keep == 1.0 or r.get("decode_steps") is None:
+            if r.get("decode_steps") is None:
                 continue
             sp = r.get("speedup")
             warn = "" if r["sparse_decode_steps"] == r["decode_steps"] else "  <-- NOT ALL SPARSE: see the warnings above"
@@ -181,30 +191,36 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
                 L += [f"Decode kernel: {tun}.", ""]
             L += ["| keep | method | threads | tokens/s | speed-up | Amdahl ceiling | ideal (FFN only) | decode steps sparse |",
                   "|---|---|---|---|---|---|---|---|"]
+            if m["dense"]["decode"] is not None:
+                r = m["dense"]["decode"]
+                L.append(f"| dense | {r.get('method', 'dense')} | {r.get('threads')} | "
+                         f"{r.get('tokens_per_s', float('nan')):.1f} | 1.00x | - | - | - |")
             for keep in sorted(m["decode"], reverse=True):
                 r = m["decode"][keep]
                 sp = r.get("speedup")
                 ce = r.get("amdahl_ceiling")
                 w = r.get("weights")
                 meth = f"{r.get('method')} [{w}]" if w not in (None, "float") else r.get("method")
-                L.append(f"| {'dense' if keep == 1.0 else f'{keep:g}'} | {meth} | {r.get('threads')} | "
+                L.append(f"| {keep:g} | {meth} | {r.get('threads')} | "
                          f"{r.get('tokens_per_s', float('nan')):.1f} | {'-' if sp is None else f'{sp:.2f}x'} | "
-                         f"{'-' if ce is None or keep == 1.0 else f'{ce:.2f}x'} | "
-                         f"{'-' if keep == 1.0 else f'{1 / keep:.2f}x'} | {_sparse_steps(r)} |")
+                         f"{'-' if ce is None else f'{ce:.2f}x'} | {1 / keep:.2f}x | {_sparse_steps(r)} |")
             quantized = [(k, r) for k, r in sorted(m["decode"].items(), reverse=True) if r.get("amdahl_ceiling_bytes")]
             if quantized:
                 L += ["", f"[{quantized[0][1].get('weights')}] = FFN weights as quantized rows (the dense rounds run the "
                       "float model; the decode kernel line above is the setting measured on the quantized rows). Ceiling if the "
                       "FFN time shrank with its bytes (keep x quantized / fp32 bytes): "
                       + ", ".join(f"keep {k:g} {r['amdahl_ceiling_bytes']:.2f}x" for k, r in quantized) + "."]
-            if m["ttft"]:
+            dense = m["dense"]["ttft"]
+            if m["ttft"] or dense is not None:
                 L += ["", "| time to first token | method | prompt tokens | ms | vs dense |", "|---|---|---|---|---|"]
-                dense = m["ttft"].get(1.0)
+                if dense is not None:
+                    L.append(f"| dense | {dense.get('method', 'dense')} | {dense.get('prompt_tokens')} | "
+                             f"{1e3 * dense['median_s']:.1f} | - |")
                 for keep in sorted(m["ttft"], reverse=True):
                     r = m["ttft"][keep]
-                    rel = "-" if dense is None or keep == 1.0 else f"{r['median_s'] / dense['median_s']:.2f}x " \
+                    rel = "-" if dense is None else f"{r['median_s'] / dense['median_s']:.2f}x " \
                         f"(+{1e3 * (r['median_s'] - dense['median_s']):.1f} ms selection)"
-                    L.append(f"| {'dense' if keep == 1.0 else f'keep {keep:g}'} | {r.get('method')} | "
+                    L.append(f"| keep {keep:g} | {r.get('method')} | "
                              f"{r.get('prompt_tokens')} | {1e3 * r['median_s']:.1f} | {rel} |")
             L += [""]
     others = other_rows(doc)
@@ -226,7 +242,7 @@ def markdown(doc: dict, comparison=None, compare_name: str | None = None) -> str
 def plot_speedup(doc: dict, path: Path) -> Path | None:
     e2e = e2e_rows(doc)
     if not any(m["decode"] for m in e2e.values()):
-        return None
+        return None  # nothing patched to plot
     import matplotlib
 
     matplotlib.use("Agg")
