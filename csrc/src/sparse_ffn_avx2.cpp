@@ -68,18 +68,9 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 8c..8c+7: c 
   b = _mm_and_si128(b, _mm_set1_epi8(15));
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(8)));
 }
-// quant_rows.inc: the scales of up to 8 blocks in one gather (4 bytes at each block's start: its
-// scale and two codes, all inside the block), and the products of codes and x in integers:
+// quant_rows.inc: a block's fp16 scale (F16C), and the products of codes and x in integers:
 // 32 codes times 32 int16 values summed in pairs (16 + 16) into 8 int32 lanes.
-template <class Q>
-static inline vfloat block_scales(const Q* b, int n) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i off = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(sizeof(Q))));
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-  const __m256i raw = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(b), off, live, 1);
-  const __m256i s16 = _mm256_and_si256(raw, _mm256_set1_epi32(0xffff));
-  return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1)));
-}
+static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 constexpr bool kQIntDot = true;
 static inline __m256i madd16(__m128i codes, const int16_t* xq) {  // 16 int8 codes times 16 int16 values
   return _mm256_madd_epi16(_mm256_cvtepi8_epi16(codes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));

@@ -75,16 +75,9 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 16c..16c+15:
   b = _mm_and_si128(b, _mm_set1_epi8(15));
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8)));
 }
-// quant_rows.inc: the scales of up to 16 blocks in one gather (4 bytes at each block's start: its
-// scale and two codes, all inside the block), and the products of codes and x in integers:
+// quant_rows.inc: a block's fp16 scale (F16C), and the products of codes and x in integers:
 // 32 codes times 32 int16 values summed in pairs into 16 int32 lanes (|lane| <= 2 * 128 * 32767).
-template <class Q>
-static inline vfloat block_scales(const Q* b, int n) {
-  const __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(sizeof(Q))));
-  const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), off, b, 1);
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
-}
+static inline float scale_f32(uint16_t s) { return _cvtsh_ss(s); }
 constexpr bool kQIntDot = true;
 static inline vfloat qdot(const q8_0_t* b, const int16_t* xq) {
   const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b->q)));

@@ -65,11 +65,8 @@ static inline vfloat vload_q4(const uint8_t* q, int c) {  // values 4c..4c+3: c 
   const int32x4_t v = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
   return vcvtq_f32_s32(vsubq_s32(v, vdupq_n_s32(8)));
 }
-template <class Q>
-static inline vfloat block_scales(const Q* b, int n) {  // n <= 4
-  uint16_t h[4] = {0, 0, 0, 0};
-  for (int i = 0; i < n; ++i) h[i] = b[i].s;
-  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+static inline float scale_f32(uint16_t s) {
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(s))), 0);
 }
 constexpr bool kQIntDot = false;  // quantized rows: codes widened to fp32 (quant_rows.inc)
 static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }

@@ -33,8 +33,7 @@ static inline vfloat vload_q8(const int8_t* p) { return static_cast<float>(*p); 
 static inline vfloat vload_q4(const uint8_t* q, int c) {
   return static_cast<float>((c < 16 ? (q[c] & 15) : (q[c - 16] >> 4)) - 8);
 }
-template <class Q>
-static inline vfloat block_scales(const Q* b, int) { return f16_to_f32(b->s); }  // one block: n = kLanes = 1
+static inline float scale_f32(uint16_t s) { return f16_to_f32(s); }
 constexpr bool kQIntDot = false;  // quantized rows: codes widened to fp32 (quant_rows.inc)
 static inline void prefetch_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
