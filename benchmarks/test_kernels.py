@@ -12,8 +12,9 @@
              measured on that layout
     q8_0 / q4_0  glass_kernels.quant.sparse_ffn_q's kernel on quantized, neuron-bundled rows (int8 /
              4-bit blocks with fp16 scales; fp32 activations, so only in the float32 rows), cycling
-             through >= 1 GiB of quantized layers, neurons in flight chosen by a short timing in the
-             same run; GB/s counts the quantized bytes read, x dense compares with torch dense fp32
+             through >= 1 GiB of quantized layers, with the setting (ISA path, neurons in flight,
+             prefetch) glass_kernels.tuning measures on those rows, as patch(weights=...) does; GB/s
+             counts the quantized bytes read, x dense compares with torch dense fp32
 
 Every weight tensor here, the torch baselines' included, sits in memory advised as transparent huge
 pages (glass_kernels.ffn.layout.empty_huge_pages, as `patch` allocates the rows its kernel reads):
@@ -223,23 +224,6 @@ def _quantized_bytes(lay, wtype, idx) -> int:
     return 3 * idx.numel() * quant.row_bytes(wtype, lay.d)
 
 
-def _choose_group(operands, wtype, x, idx, y, rounds: int = 3) -> int:
-    """Neurons in flight for these quantized rows: 1, 4 or 8, whichever walks all layers fastest
-    (median of ``rounds``, interleaved), as glass_kernels.tuning does for float rows."""
-    import statistics
-    import time
-
-    times: dict = {n: [] for n in (1, 4, 8)}
-    for _ in range(rounds + 1):
-        for n in times:
-            _C.set_decode_tuning(n, 0)
-            t0 = time.perf_counter()
-            for ops in operands:
-                sparse_ffn_q_c(x, *ops, idx, y, wtype)
-            times[n].append(time.perf_counter() - t0)
-    return min(times, key=lambda n: statistics.median(times[n][1:]))
-
-
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
 def test_decode_ffn(benchmark, results, case):
     (d, D), dt_name, nt, keep, impl = case
@@ -271,9 +255,10 @@ def test_decode_ffn(benchmark, results, case):
         operands = lay.quantized(impl)
         y = torch.empty_like(x)
         qkey = (d, D, nt, keep, impl)
-        if qkey not in results:
-            results[qkey] = _choose_group(operands, impl, x, idx, y)
-        _C.set_decode_tuning(results[qkey], 0)
+        if qkey not in results:  # the per-machine choice, measured on these rows as patch(weights=...) does
+            results[qkey] = tuning.choose_quantized(tuning.measure_quantized(operands, impl, d, keep=keep))
+        _C.set_isa(results[qkey][0])
+        _C.set_decode_tuning(results[qkey][1], results[qkey][2])
         cycle = _Cycle(len(operands), len(sets))
 
         def step():
@@ -317,6 +302,7 @@ def test_decode_ffn(benchmark, results, case):
         info["kernel"] = _C.qkernel_name(impl)
         info["neurons_in_flight"], info["prefetch_neurons"] = _C.get_decode_tuning()
         info["layers"] = len(lay.quantized(impl))
+        _C.set_isa("auto")
         _C.set_decode_tuning(*DEFAULT_TUNING)
     elif impl.startswith("sparse") or impl == "bundled":
         info["kernel"] = _C.kernel_name(dt_name, True)

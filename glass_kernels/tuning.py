@@ -225,6 +225,11 @@ def _simplest_best(gbps: dict[tuple, float], keys: list[tuple]) -> tuple | None:
     return min(close, key=lambda c: (c[1], c[2], -gbps[c]))
 
 
+def choose_quantized(gbps: dict[tuple, float]) -> tuple[str, int, int]:
+    """(isa, neurons in flight, prefetch) for quantized rows, from ``measure_quantized``'s timings."""
+    return _simplest_best(gbps, list(gbps))
+
+
 def choose(gbps: dict[tuple, float]) -> tuple[str, int, int, str]:
     """(isa, neurons in flight, prefetch, layout): the fastest in-place candidate of each layout
     (keys (isa, n, p) read separate rows, (isa, n, p, "bundled") the bundled block); the bundled
@@ -464,7 +469,7 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     before = cpu_sample()
     gbps = measure_quantized([tuple(q.rows) for q in qffns], wtype, d, keep=keep)
     busy = other_load(before, cpu_sample())
-    isa, nf, pf = _simplest_best(gbps, list(gbps))
+    isa, nf, pf = choose_quantized(gbps)
     table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     if busy is not None and busy > BUSY_CORES:
         _BUSY_SETTINGS[(str(path), key)] = DecodeTuning(isa, nf, pf, _BUSY_SOURCE, table, False, "bundled")
