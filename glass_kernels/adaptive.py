@@ -553,7 +553,7 @@ class _KLScores:
                 sets = _aggregate_sets(ref, ranks, D, lambda l: lam, keep)
                 logits = continuation_logits(model, batch, ref, _fit_config(keep), None, sets)
                 self.sums[(tau, keep)] += _kl_sum(ref, logits)
-        self.tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
+        self.tokens += _tokens(ref)
         self.sequences += int(ref.logits.shape[0])
 
     def mean(self) -> dict[float, float]:
@@ -566,19 +566,33 @@ class _KLScores:
         return min(self.taus, key=lambda t: m[t])
 
 
+def _reference_batches(model, prompts, conts, pad):
+    """(batch, reference pass) of each scored batch again, one at a time (the fit keeps only the
+    sensitivity batches' passes in memory: each holds its prompt's KV cache and the logits). The
+    caller deletes its ``ref`` at the end of each step, so that two passes never coexist."""
+    from .evaluation.run import make_batch, reference_pass
+
+    for ids, cont in zip(prompts, conts):
+        batch = make_batch(ids, cont, pad)
+        yield batch, reference_pass(model, batch, keep_prompt_cache=True)
+
+
+def _tokens(ref) -> int:
+    """Continuation tokens a reference pass scores."""
+    return int(ref.logits.shape[0] * ref.logits.shape[1])
+
+
 def _shrink_scores(model, stats, prompts, conts, pad, progress) -> dict[float, float]:
     """share -> token-weighted KL per token (averaged over FIT_KEEPS) of the whole model with the
     fit's per-layer keep applied by that share (``stats.fit``), λ(n) with the shared τ; ``prompts`` /
     ``conts``: the scored batches (their reference passes are made again, one batch at a time)."""
-    from .evaluation.run import continuation_logits, make_batch, reference_pass
+    from .evaluation.run import continuation_logits
     from .patch import GlassConfig
 
     sums = {(a, keep): 0.0 for a in SHRINK_GRID for keep in FIT_KEEPS}
     tokens = 0
     bar = _bar(len(prompts) * len(SHRINK_GRID) * len(FIT_KEEPS), "fit: per-layer keep share", progress)
-    for ids, cont in zip(prompts, conts):
-        batch = make_batch(ids, cont, pad)
-        ref = reference_pass(model, batch, keep_prompt_cache=True)
+    for batch, ref in _reference_batches(model, prompts, conts, pad):
         for a in SHRINK_GRID:
             shrunk = stats.with_fit(dataclasses.replace(stats.fit, keep_shrink=a))
             for keep in FIT_KEEPS:
@@ -587,7 +601,7 @@ def _shrink_scores(model, stats, prompts, conts, pad, progress) -> dict[float, f
                 sums[(a, keep)] += _kl_sum(ref, continuation_logits(model, batch, ref, gcfg, shrunk))
                 if bar is not None:
                     bar.update(1)
-        tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
+        tokens += _tokens(ref)
         del ref
     _close(bar)
     return {a: sum(sums[(a, k)] for k in FIT_KEEPS) / (len(FIT_KEEPS) * max(1, tokens)) for a in SHRINK_GRID}
@@ -612,7 +626,7 @@ def _layer_sensitivity(model, stats, refs, layer_tau, progress) -> dict[float, t
                 out[keep][l] += _kl_sum(ref, logits)
                 if bar is not None:
                     bar.update(1)
-        tokens += int(ref.logits.shape[0] * ref.logits.shape[1])
+        tokens += _tokens(ref)
     _close(bar)
     return {keep: v / max(1, tokens) for keep, v in out.items()}
 
@@ -667,11 +681,11 @@ def _refine_allocation(model, stats, refs, checks, pad, row_elems, progress) -> 
     fit those prompts only (Gemma-3 at keep 0.3: -10% there, +3% on held-out prompts). Without
     ``checks`` the sensitivity prompts decide. Returns the [K, L] changes of kept fraction and the
     measurements (for the file's meta)."""
-    from .evaluation.run import continuation_logits, make_batch, reference_pass
+    from .evaluation.run import continuation_logits
 
     D, L = stats.D, stats.num_layers
     ranks = stats.ranks("activation")
-    tokens = sum(int(ref.logits.shape[0] * ref.logits.shape[1]) for _, ref in refs)
+    tokens = sum(_tokens(ref) for _, ref in refs)
     bar = _bar(len(FIT_KEEPS) * (len(refs) * (2 * L + 1) + len(checks) * 3), "fit: per-layer keep refinement",
                progress)
 
@@ -688,11 +702,9 @@ def _refine_allocation(model, stats, refs, checks, pad, row_elems, progress) -> 
     def check_kl(splits: list[list[int]]) -> list[float]:
         """Each split's KL per token on the check prompts (one reference pass per batch)."""
         sums, n = [0.0] * len(splits), 0
-        for ids, cont in checks:
-            batch = make_batch(ids, cont, pad)
-            ref = reference_pass(model, batch, keep_prompt_cache=True)
+        for batch, ref in _reference_batches(model, [p for p, _ in checks], [c for _, c in checks], pad):
             sums = [t + split_kl(batch, ref, k) for t, k in zip(sums, splits)]
-            n += int(ref.logits.shape[0] * ref.logits.shape[1])
+            n += _tokens(ref)
             del ref
         return [t / max(1, n) for t in sums]
 

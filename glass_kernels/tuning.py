@@ -225,6 +225,18 @@ def _simplest_best(gbps: dict[tuple, float], keys: list[tuple]) -> tuple | None:
     return min(close, key=lambda c: (c[1], c[2], -gbps[c]))
 
 
+def _busy_setting(path: Path, key: str):
+    """The setting measured on a busy machine earlier in this process under ``key``, or None."""
+    return _BUSY_SETTINGS.get((str(path), key))
+
+
+def _used_not_cached(path: Path, key: str, setting):
+    """``setting``, measured on a busy machine: kept for this process only (its source says so), then
+    returned with the source "measured on a busy machine, not cached"."""
+    _BUSY_SETTINGS[(str(path), key)] = dataclasses.replace(setting, source=_BUSY_SOURCE)
+    return dataclasses.replace(setting, source="measured on a busy machine, not cached")
+
+
 def choose_quantized(gbps: dict[tuple, float]) -> tuple[str, int, int]:
     """(isa, neurons in flight, prefetch) for quantized rows, from ``measure_quantized``'s timings."""
     return _simplest_best(gbps, list(gbps))
@@ -386,8 +398,9 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
     hit = _cached_entry(doc, key, fixed)
     if hit is not None and not force:
         return hit
-    if (str(path), key) in _BUSY_SETTINGS and not force:
-        return _BUSY_SETTINGS[(str(path), key)]
+    busy_hit = _busy_setting(path, key)
+    if busy_hit is not None and not force:
+        return busy_hit
     layers = _gated_layers(sites)
     big = _ffn_bytes(sites) >= MIN_MEASURED_FFN_BYTES
     if tune is False or not layers or w.device.type != "cpu" or (tune == "auto" and not big):
@@ -408,8 +421,7 @@ def tuning_for_model(sites, tune: bool | str = "auto", keep: float = 0.5, force:
         logger.warning("glass_kernels: other processes used %.2f cores while the decode setting was measured; "
                        "using it in this process but not caching it (`python -m glass_kernels tune` on a quiet "
                        "machine)", busy)
-        _BUSY_SETTINGS[(str(path), key)] = DecodeTuning(isa, nf, pf, _BUSY_SOURCE, table, faster_copy, lay)
-        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, faster_copy, lay)
+        return _used_not_cached(path, key, DecodeTuning(isa, nf, pf, "", table, faster_copy, lay))
     _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": lay, "gbps": table,
         "compact_faster": faster_copy, "other_load_cores": None if busy is None else round(busy, 3),
@@ -460,8 +472,9 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     cached_setting = _cached_entry(doc, key, "bundled")
     if cached_setting is not None:
         return cached_setting
-    if (str(path), key) in _BUSY_SETTINGS:
-        return _BUSY_SETTINGS[(str(path), key)]
+    busy_hit = _busy_setting(path, key)
+    if busy_hit is not None:
+        return busy_hit
     gated = all(len(q.rows) == 3 for q in qffns)
     nbytes = sum(q.nbytes for q in qffns)
     if tune is False or not gated or (tune == "auto" and nbytes < MIN_MEASURED_FFN_BYTES):
@@ -472,8 +485,7 @@ def tuning_for_quantized(qffns, wtype: str, tune: bool | str = "auto", keep: flo
     isa, nf, pf = choose_quantized(gbps)
     table = {"/".join(str(part) for part in c): round(v, 2) for c, v in gbps.items()}
     if busy is not None and busy > BUSY_CORES:
-        _BUSY_SETTINGS[(str(path), key)] = DecodeTuning(isa, nf, pf, _BUSY_SOURCE, table, False, "bundled")
-        return DecodeTuning(isa, nf, pf, "measured on a busy machine, not cached", table, False, "bundled")
+        return _used_not_cached(path, key, DecodeTuning(isa, nf, pf, "", table, False, "bundled"))
     _remember(path, doc, key, {
         "isa": isa, "neurons_in_flight": nf, "prefetch_neurons": pf, "layout": "bundled", "gbps": table,
         "other_load_cores": None if busy is None else round(busy, 3), "ffn_bytes": nbytes, "keep": keep,
@@ -595,8 +607,9 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     entry = _entry(doc, key)
     if entry is not None:
         return PromptCopy(float(entry["min_tokens"]), "cached", entry.get("ms"))
-    if (str(path), key) in _BUSY_SETTINGS:
-        return _BUSY_SETTINGS[(str(path), key)]
+    busy_hit = _busy_setting(path, key)
+    if busy_hit is not None:
+        return busy_hit
     if tune is False or (tune == "auto" and _ffn_bytes(sites) < MIN_MEASURED_FFN_BYTES):
         # as for the decode setting, tiny (test) models are not timed: the default
         return PromptCopy(0.0 if w.dtype != torch.float32 else float("inf"), "default")
@@ -605,8 +618,7 @@ def prompt_copy_for_model(sites, params, tune: bool | str = "auto", layout: str 
     busy = other_load(before, cpu_sample())
     min_tokens = copy_threshold(ms)
     if busy is not None and busy > BUSY_CORES:  # used in this process, not kept (as the decode setting)
-        _BUSY_SETTINGS[(str(path), key)] = PromptCopy(min_tokens, _BUSY_SOURCE, ms)
-        return PromptCopy(min_tokens, "measured on a busy machine, not cached", ms)
+        return _used_not_cached(path, key, PromptCopy(min_tokens, "", ms))
     _remember(path, doc, key, {
         "min_tokens": min_tokens, "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},
         "tokens": list(PROMPT_TOKENS),

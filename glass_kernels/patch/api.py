@@ -133,7 +133,8 @@ def patch(model: nn.Module, config: GlassConfig | None = None, stats=None, *, to
                                    ("was patched with global statistics checked against them", stats is not None))
              if cond]
     if stale:  # new FFN weights would leave what the patch derived from them behind (patch/saving.py)
-        hooks.append(model.register_load_state_dict_pre_hook(refuse_ffn_load_hook(model, sites, " and ".join(stale))))
+        hooks.append(model.register_load_state_dict_pre_hook(
+            refuse_ffn_load_hook(model, sites, " and ".join(stale), new_stats=stats is not None)))
     _wrap_generate(model, state)
     model.__dict__[_ATTR] = _PatchRecord(state, installed, relaid, hooks)
     logger.info("glass_kernels: patched %d FFN layers of %s (%s)", len(sites), type(model).__name__, config)

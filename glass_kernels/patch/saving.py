@@ -60,9 +60,10 @@ def _dequantized(q) -> dict[int, torch.Tensor]:
         return {id(p): p.detach().clone() for p in q.params}
 
 
-def refuse_ffn_load_hook(model: nn.Module, sites, why: str) -> Callable:
+def refuse_ffn_load_hook(model: nn.Module, sites, why: str, new_stats: bool) -> Callable:
     """A ``register_load_state_dict_pre_hook`` hook that raises when the incoming state dict holds
-    FFN weights of the patched sites; ``why``: what the patch derived from them (for the message)."""
+    FFN weights of the patched sites; ``why``: what the patch derived from them (for the message);
+    ``new_stats``: the patch used global statistics, so patching again needs those of the new weights."""
     ffn = {id(p) for site in sites for p in site.handler.weight_params(site.module)}
 
     def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
@@ -73,6 +74,6 @@ def refuse_ffn_load_hook(model: nn.Module, sites, why: str) -> Callable:
                 f"load_state_dict would replace the FFN weights of a model patched by glass_kernels "
                 f"({keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}), which {why}. "
                 "Unpatch first (glass_kernels.unpatch(model)), load, then patch again"
-                + (" with statistics of the new weights" if "statistics" in why else "") + ".")
+                + (" with statistics of the new weights" if new_stats else "") + ".")
 
     return hook
