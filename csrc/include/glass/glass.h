@@ -196,8 +196,8 @@ GLASS_API glass_threading glass_get_threading(void);
 /* Decode tuning of sparse_ffn / sparse_mlp when each index set has one token (B sequences of T = 1,
  * or B tokens sharing one set): how many selected neurons each thread keeps in flight (their gate/up
  * rows read together, then their down rows in one pass), 1..8 (1: one neuron at a time, with the
- * token-tile path's own prefetch), and how many neurons ahead those rows are prefetched into L2,
- * 0..64 (0: none). Both are per machine: glass_kernels measures them per CPU model; the defaults
+ * token-tile path's own prefetch), and how many neurons ahead rows are prefetched into L2 while a
+ * group streams (line by line, interleaved with its loads), 0..64 (0: none). Both are per machine: glass_kernels measures them per CPU model; the defaults
  * are GLASS_NEURONS_IN_FLIGHT and GLASS_PREFETCH_NEURONS from the environment, else 4 and 0.
  * Results are bitwise the same for any thread count at a given setting; different settings differ
  * in the last bits (the order of fp32 additions in the dot products).
