@@ -1,0 +1,100 @@
+"""The decode kernel's arithmetic ceiling: GB/s of rows that stay in cache (L2-sized layers, every
+neuron selected, called back to back), next to the cold figures of the kernel benchmark.
+
+Where the cold figure is near this one, the kernel is bound by its arithmetic, not by memory: no
+prefetch or in-flight setting can lift it, only fewer instructions per value.
+
+    python benchmarks/hot_compute.py                              # q8_0, q4_0, float32, bfloat16; 1 and 2 threads
+    python benchmarks/hot_compute.py --formats q8_0 --threads 1 --in-flight 4 --isa avx2
+
+Prints one line per case: the median GB/s of the rows read (quantized bytes for q8_0 / q4_0), its
+range over the rounds, and ns per 32-value block (quantized rows). Nothing here is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from glass_kernels import _C, quant
+
+FORMATS = ("q8_0", "q4_0", "float32", "bfloat16")
+
+
+def layer(fmt: str, d: int, D: int) -> tuple[torch.Tensor, ...]:
+    """One layer of neuron-bundled rows [D, 3, row] viewed as (gate, up, down^T)."""
+    ws = [torch.randn(D, d) * 0.02 for _ in range(3)]
+    ws = [quant.quantize(w, fmt) for w in ws] if fmt in quant.QTYPES else [w.to(getattr(torch, fmt)) for w in ws]
+    block = torch.stack(ws, dim=1)
+    return tuple(block[:, j] for j in range(3))
+
+
+def caller(fmt: str, ops: tuple, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+    d, D = x.shape[-1], ops[0].shape[0]
+    if fmt in quant.QTYPES:
+        ldw = ops[0].stride(0) // quant.block_bytes(fmt) * quant.BLOCK
+        return lambda: _C.sparse_ffn_q(fmt, "float32", "silu", x.data_ptr(), 1, 1, d, ops[0].data_ptr(),
+                                       ops[1].data_ptr(), ops[2].data_ptr(), ldw, D, idx.data_ptr(), D, False,
+                                       y.data_ptr())
+    return lambda: _C.sparse_ffn(fmt, "silu", x.data_ptr(), 1, 1, d, ops[0].data_ptr(), ops[1].data_ptr(),
+                                 ops[2].data_ptr(), D, idx.data_ptr(), D, False, y.data_ptr(), ops[0].stride(0))
+
+
+def row_bytes(fmt: str, d: int) -> int:
+    return quant.row_bytes(fmt, d) if fmt in quant.QTYPES else d * torch.empty(0, dtype=getattr(torch, fmt)).element_size()
+
+
+def measure(fmt: str, d: int, cache_bytes: int, threads: int, rounds: int, seconds: float) -> dict:
+    D = max(threads, cache_bytes * threads // (3 * row_bytes(fmt, d)))  # each thread's share fits its cache
+    ops = layer(fmt, d, D)
+    x = torch.randn(1, 1, d).to(torch.float32 if fmt in quant.QTYPES else getattr(torch, fmt))
+    y = torch.empty_like(x)
+    idx = torch.arange(D, dtype=torch.int32)
+    call = caller(fmt, ops, x, y, idx)
+    nbytes = 3 * D * row_bytes(fmt, d)
+    for _ in range(20):
+        call()
+    got = []
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / rounds:
+            for _ in range(50):
+                call()
+            n += 50
+        got.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+    return {"D": D, "gbps": got, "bytes": nbytes}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--d", type=int, default=2048, help="row length (model width)")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--cache-kib", type=int, default=512, help="bytes of rows per thread (fit them in L2)")
+    p.add_argument("--in-flight", type=int, default=4)
+    p.add_argument("--isa", help="force this ISA path (set_isa)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="per case")
+    a = p.parse_args(argv)
+    if a.isa:
+        _C.set_isa(a.isa)
+    _C.set_decode_tuning(a.in_flight, 0)  # rows already in cache: nothing to prefetch
+    print(f"ISA {_C.get_isa()}, {a.in_flight} in flight, d = {a.d}, {a.cache_kib} KiB of rows per thread, "
+          f"torch {torch.__version__}")
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        _C.set_num_threads(threads)
+        for fmt in a.formats:
+            r = measure(fmt, a.d, a.cache_kib * 1024, threads, a.rounds, a.seconds)
+            med = statistics.median(r["gbps"])
+            per_block = ""
+            if fmt in quant.QTYPES:
+                per_block = f", {quant.block_bytes(fmt) / med * threads:.2f} ns per block per thread"
+            print(f"{fmt:9s} {threads} thread(s), D = {r['D']}: {med:.1f} GB/s "
+                  f"({min(r['gbps']):.1f}-{max(r['gbps']):.1f}){per_block}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
