@@ -260,6 +260,7 @@ def test_decode(benchmark, results, shares, name, keep):
             after = gk.session(model).counters()
             steps["sparse"] += after["sparse"] - before["sparse"]
             steps["all"] += DECODE_TOKENS
+            steps["kernel_layers"] = gk.session(model).kernel_layers()
 
     def setup():
         if keep is not None:
@@ -284,6 +285,7 @@ def test_decode(benchmark, results, shares, name, keep):
                 tokens_per_s=round(tps, 2), mlp_share=round(f, 4))
     if keep is not None:
         info["decode_steps"], info["sparse_decode_steps"] = steps["all"], steps["sparse"]
+        info["kernel_layers"] = steps.get("kernel_layers")  # [layers running the kernel, layers]
         info["decode_tuning"] = p.tuning
         info["amdahl_ceiling"] = round(amdahl(f, keep), 3)
         info["weights"] = WEIGHTS or "float"

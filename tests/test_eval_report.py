@@ -117,6 +117,21 @@ def test_a_patched_keep_one_case_is_its_own_row_not_the_dense_one():
     assert BR.sparse_step_lines(doc) == ["m keep 1: 1.10x of dense, 64 of 64 decode steps ran sparse"]
 
 
+@pytest.mark.parametrize("layers, note", [
+    ([0, 30], " (every layer keeps all its neurons: each ran its dense forward)"),
+    ([12, 30], " (the kernel in 12 of 30 layers; the others keep all their neurons)"),
+    ([30, 30], ""),
+    (None, ""),  # runs recorded before the layer count
+])
+def test_sparse_steps_say_where_layers_ran_dense(layers, note):
+    doc = fake_bench()
+    doc["benchmarks"].insert(2, _bench("test_decode[m-keep1]", "decode", "m", 1.0, 0.9, tokens_per_s=35.0,
+                                       method="a-glass", dense_paired_median_s=0.99, decode_steps=64,
+                                       sparse_decode_steps=64, kernel_layers=layers))
+    assert BR.sparse_step_lines(doc)[0] == f"m keep 1: 1.10x of dense, 64 of 64 decode steps ran sparse{note}"
+    assert f"| 64 of 64{note} |" in BR.markdown(doc)
+
+
 def test_bench_report_history_and_compare(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(fake_bench(1.0)))

@@ -122,6 +122,25 @@ def test_generate_runs_the_sparse_kernel_every_decode_step(family, kernel_calls,
     unpatch(model)
 
 
+def test_keep_one_says_every_layer_ran_its_dense_forward(kernel_calls):
+    # keep 1.0 keeps every neuron: each layer runs its own dense forward (the dense result exactly), and
+    # the summary says so instead of letting "ran sparse" suggest the kernel ran
+    model = tm.build("llama")
+    patch(model, stats=tm.random_stats(model), method="a-glass", keep=1.0)
+    _generate(model)
+    assert session(model).counters()["sparse"] == NEW_TOKENS - 1
+    assert kernel_calls["n"] == 0
+    assert session(model).kernel_layers() == (0, tm.LAYERS)
+    assert session(model).decode_summary() == (f"{NEW_TOKENS - 1} of {NEW_TOKENS - 1} decode steps ran sparse (every "
+                                               "layer keeps all its neurons: each ran its dense forward)")
+    unpatch(model)
+    patch(model, stats=tm.random_stats(model), method="a-glass", keep=0.5)
+    assert session(model).kernel_layers() is None  # no selection yet
+    _generate(model)
+    assert session(model).kernel_layers() == (tm.LAYERS, tm.LAYERS)
+    unpatch(model)
+
+
 def test_cache_passed_positionally_is_found(kernel_calls):
     model = tm.build("llama")
     name = hf_compat.cache_arg_name(model.forward)

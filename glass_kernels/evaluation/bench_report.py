@@ -151,11 +151,20 @@ def _load_lines(doc: dict) -> list[str]:
     return []
 
 
-def _sparse_steps(r: dict) -> str:
-    """"n of m" decode steps that ran the sparse kernel (runs before the patch counted them: "-")."""
+def _sparse_steps(r: dict, note: bool = True) -> str:
+    """"n of m" decode steps that ran the sparse kernel (runs before the patch counted them: "-"), and
+    (``note``) where the selection kept some layers whole, in how many layers the kernel ran."""
     if r.get("decode_steps") is None:
         return "-"
-    return f"{r.get('sparse_decode_steps')} of {r['decode_steps']}"
+    return f"{r.get('sparse_decode_steps')} of {r['decode_steps']}{_kernel_layers_note(r) if note else ''}"
+
+
+def _kernel_layers_note(r: dict) -> str:
+    """schedule.kernel_layers_note of the case's recorded layer count (runs before it: "")."""
+    from ..patch.schedule import kernel_layers_note
+
+    layers = r.get("kernel_layers")
+    return kernel_layers_note(tuple(layers) if layers else None)
 
 
 def sparse_step_lines(doc: dict) -> list[str]:
@@ -169,7 +178,7 @@ def sparse_step_lines(doc: dict) -> list[str]:
             sp = r.get("speedup")
             warn = "" if r["sparse_decode_steps"] == r["decode_steps"] else "  <-- NOT ALL SPARSE: see the warnings above"
             lines.append(f"{model} keep {keep:g}: {'-' if sp is None else f'{sp:.2f}x'} of dense, "
-                         f"{_sparse_steps(r)} decode steps ran sparse{warn}")
+                         f"{_sparse_steps(r, note=False)} decode steps ran sparse{_kernel_layers_note(r)}{warn}")
     return lines
 
 

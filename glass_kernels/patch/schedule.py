@@ -475,6 +475,15 @@ class GlassState:
         return out
 
 
+def kernel_layers_note(layers: tuple[int, int] | None) -> str:
+    """", the kernel in K of L layers" where a selection keeps some layers whole, else ""."""
+    if layers is None or layers[0] == layers[1]:
+        return ""
+    if layers[0] == 0:
+        return " (every layer keeps all its neurons: each ran its dense forward)"
+    return f" (the kernel in {layers[0]} of {layers[1]} layers; the others keep all their neurons)"
+
+
 class Session:
     """Handle on a patched model's schedule: ``glass_kernels.session(model)``.
 
@@ -579,10 +588,21 @@ class Session:
         for key in self._state.counters:
             self._state.counters[key] = 0
 
+    def kernel_layers(self) -> tuple[int, int] | None:
+        """(layers whose decode forward runs the sparse kernel, layers) for the current selection;
+        None before a selection. A layer that keeps every neuron (keep 1.0, or a fitted per-layer
+        keep of 1.0) runs its own dense forward instead: a "sparse" decode step counts such layers."""
+        plan = self._state.plan
+        if plan is None:
+            return None
+        n = len(plan.calls)
+        return sum(not plan.runs_dense(layer) for layer in range(n)), n
+
     def decode_summary(self, since: dict[str, int] | None = None) -> str:
-        """"N of M decode steps ran sparse" over the forwards after the prompt (since ``since``)."""
+        """"N of M decode steps ran sparse" over the forwards after the prompt (since ``since``), and,
+        where some layers keep every neuron, in how many layers the kernel ran."""
         now = self._state.counters
         base = since or {}
         sparse = now["sparse"] - base.get("sparse", 0)
         total = sparse + now["dense"] - base.get("dense", 0)
-        return f"{sparse} of {total} decode steps ran sparse"
+        return f"{sparse} of {total} decode steps ran sparse{kernel_layers_note(self.kernel_layers())}"
