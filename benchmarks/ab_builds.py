@@ -12,6 +12,7 @@ per-round ratios new / old.
     python benchmarks/ab_builds.py --old /path/to/_C.cpython-311-x86_64-linux-gnu.so
     python benchmarks/ab_builds.py --old HEAD~1 --isa avx2 --cases q8_0:2048x8192:0.5:4 --rounds 8
     python benchmarks/ab_builds.py --old HEAD~1 --in-flight 4 --prefetch 4 --cases q8_0:2048x8192:0.5:1
+    python benchmarks/ab_builds.py --old HEAD~1 --in-flight 4 --prefetch 4 --old-prefetch 0   # each at its own
 
 A case is ``wtype:dxD:keep:tokens`` (wtype float32 | bfloat16 | float16 | q8_0 | q4_0; rows bundled
 [D, 3, row] as the quantized patch and the float "bundled" layout store them). A revision is built
@@ -217,19 +218,22 @@ def main(argv=None) -> None:
     p.add_argument("--isa", help="force this ISA path in both builds (set_isa), e.g. avx2")
     p.add_argument("--in-flight", type=int, help="neurons in flight per thread in both builds (set_decode_tuning)")
     p.add_argument("--prefetch", type=int, help="prefetch distance in neurons in both builds (set_decode_tuning)")
+    p.add_argument("--old-prefetch", type=int,
+                   help="the old build's own prefetch distance (a change that moves the best setting: each at its own)")
     p.add_argument("--json", type=Path, help="also write the rows and the machine here")
     a = p.parse_args(argv)
     cases = [parse_case(c) for c in a.cases]
     old_path = Path(a.old) if Path(a.old).is_file() else build_revision(a.old)
     builds = {"old": load_build(old_path), "new": this_build}
     torch.set_num_threads(a.threads)
-    for mod in builds.values():
+    for name, mod in builds.items():
         mod.set_num_threads(a.threads)
         if a.isa:
             mod.set_isa(a.isa)
-        if a.in_flight or a.prefetch is not None:
+        prefetch = a.old_prefetch if name == "old" and a.old_prefetch is not None else a.prefetch
+        if a.in_flight or prefetch is not None:
             nf, pf = mod.get_decode_tuning()
-            mod.set_decode_tuning(a.in_flight or nf, pf if a.prefetch is None else a.prefetch)
+            mod.set_decode_tuning(a.in_flight or nf, pf if prefetch is None else prefetch)
     info = machine_info()
     head = {name: {"file": str(getattr(mod, "__file__", "")), "isa": mod.get_isa(),
                    "decode_tuning": list(mod.get_decode_tuning())} for name, mod in builds.items()}
