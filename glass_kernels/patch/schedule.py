@@ -476,7 +476,8 @@ class GlassState:
 
 
 def kernel_layers_note(layers: tuple[int, int] | None) -> str:
-    """", the kernel in K of L layers" where a selection keeps some layers whole, else ""."""
+    """" (the kernel in K of L layers; ...)" where a selection of (K, L) = Session.kernel_layers()
+    keeps some layers whole, " (every layer keeps all its neurons: ...)" where it keeps all, else ""."""
     if layers is None or layers[0] == layers[1]:
         return ""
     if layers[0] == 0:
