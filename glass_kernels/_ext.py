@@ -145,7 +145,7 @@ def get_isa() -> str | None:
 
 
 def set_isa(name: str) -> None:
-    """Force an ISA path ("auto" | "scalar" | "avx2" | "avx512" | "neon" | "neon_ext"); errors name the argument."""
+    """Force an ISA path ("auto" | "scalar" | "avx2" | "avx512" | "avx512_ext" | "neon" | "neon_ext"); errors name the argument."""
     C = require()
     if not isinstance(name, str):
         raise TypeError(f"isa must be a str, got {type(name).__name__}")

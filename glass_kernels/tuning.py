@@ -139,10 +139,26 @@ def apply(t: DecodeTuning) -> None:
                         p if "GLASS_PREFETCH_NEURONS" in env else t.prefetch_neurons)
 
 
-def _isa_candidates() -> list[str]:
-    """The vector paths worth timing against each other (scalar never wins where one exists)."""
-    isas = [i for i in _ext().supported_isas() if i != "scalar"]
-    return isas or ["scalar"]
+def _isa_candidates(kernel_name: Callable[[], str] | None = None) -> list[str]:
+    """The vector paths worth timing against each other (scalar never wins where one exists), one per
+    kernel: ``kernel_name()`` names the current path's kernel for the rows being tuned, and a path
+    whose kernel an earlier candidate runs already is not timed again (avx512_ext and neon_ext run
+    the plain path's kernel for the dtypes they have no extension kernel for)."""
+    isas = [i for i in _ext().supported_isas() if i != "scalar"] or ["scalar"]
+    if kernel_name is None:
+        return isas
+    C = _ext().require()
+    saved, seen, out = C.get_isa(), set(), []
+    try:
+        for isa in isas:
+            C.set_isa(isa)
+            name = kernel_name()
+            if name not in seen:
+                seen.add(name)
+                out.append(isa)
+    finally:
+        C.set_isa(saved)
+    return out
 
 
 def interleaved_median_s(fns: Sequence[Callable[[], object]], rounds: int,
@@ -204,9 +220,10 @@ def measure(layers: Sequence[tuple], dtype: torch.dtype, d: int, keep: float = 0
     x = torch.randn(1, 1, d, generator=g).to(dtype)
     y = torch.empty_like(x)
     nbytes = 3 * k * d * x.element_size()
-    cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
+    isas = _isa_candidates(lambda: C.kernel_name(dn, True))
+    cands = [(isa, nf, pf) for isa in isas for nf, pf in CANDIDATES]
     if compact:
-        cands += [(isa, nf, pf, "compact") for isa in _isa_candidates() for nf, pf in ((1, 0), (4, 0))]
+        cands += [(isa, nf, pf, "compact") for isa in isas for nf, pf in ((1, 0), (4, 0))]
     contiguous = torch.arange(k, dtype=torch.int32)
 
     def walk(c) -> None:
@@ -450,7 +467,7 @@ def measure_quantized(layers: Sequence[tuple], wtype: str, d: int, keep: float =
     y = torch.empty_like(x)
     ldw = layers[0][0].stride(0) // quant.block_bytes(wtype) * quant.BLOCK
     nbytes = 3 * k * quant.row_bytes(wtype, d)
-    cands = [(isa, nf, pf) for isa in _isa_candidates() for nf, pf in CANDIDATES]
+    cands = [(isa, nf, pf) for isa in _isa_candidates(lambda: C.qkernel_name(wtype)) for nf, pf in CANDIDATES]
 
     def walk(c) -> None:
         for (w1, w2, w3), i in zip(layers, idx):

@@ -41,9 +41,9 @@ glass_qtype parse_qtype(const std::string& s) {
 }
 
 glass_isa parse_isa(const std::string& s) {
-  for (int i = GLASS_ISA_AUTO; i <= GLASS_ISA_NEON_EXT; ++i)
+  for (int i = GLASS_ISA_AUTO; i <= GLASS_ISA_AVX512_EXT; ++i)
     if (s == glass_isa_name(static_cast<glass_isa>(i))) return static_cast<glass_isa>(i);
-  throw py::value_error("isa: expected 'auto', 'scalar', 'avx2', 'avx512', 'neon' or 'neon_ext', got '" + s +
+  throw py::value_error("isa: expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512_ext', 'neon' or 'neon_ext', got '" + s +
                         "'");
 }
 
@@ -232,11 +232,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "set_isa", [](const std::string& name) { check(glass_set_isa(parse_isa(name))); },
-      py::arg("name"), "Force a code path: 'auto' | 'scalar' | 'avx2' | 'avx512' | 'neon' | 'neon_ext'.");
+      py::arg("name"), "Force a code path: 'auto' | 'scalar' | 'avx2' | 'avx512' | 'avx512_ext' | 'neon' | 'neon_ext'.");
   m.def("get_isa", []() { return std::string(glass_isa_name(glass_get_isa())); });
   m.def("supported_isas", []() {
     std::vector<std::string> out;
-    for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON_EXT; ++i)
+    for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_AVX512_EXT; ++i)
       if (glass_isa_supported(static_cast<glass_isa>(i)))
         out.emplace_back(glass_isa_name(static_cast<glass_isa>(i)));
     return out;

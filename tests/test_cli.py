@@ -242,7 +242,8 @@ def test_tune_measures_and_prints_every_candidate(tmp_path, monkeypatch):
         C.set_isa(saved[0])
         C.set_decode_tuning(*saved[1])
     assert rc == 0 and "chosen:" in out and str(tuning.cache_file()) in out
-    # every in-place candidate in both layouts and two compacted-copy reads, per ISA
-    assert sum(line.startswith("  ") for line in out.splitlines()) == (2 * len(tuning.CANDIDATES) + 2) * len(
-        tuning._isa_candidates())
+    # every in-place candidate in both layouts and two compacted-copy reads, per ISA with its own fp32
+    # kernel (the default dtype)
+    isas = tuning._isa_candidates(lambda: C.kernel_name("float32", True))
+    assert sum(line.startswith("  ") for line in out.splitlines()) == (2 * len(tuning.CANDIDATES) + 2) * len(isas)
     assert "/bundled" in out and "rows (measured" in out

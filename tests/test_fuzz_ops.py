@@ -85,8 +85,21 @@ def test_sparse_ops_match_the_oracle(backend, p):
     w3 = ws[1] if p["gated"] else None
     bi, bo = (None, None) if p["gated"] else (b_in, b_out)
     oracle = native_ffn(x, ws[0], w3, ws[2], bi, bo, idx, p["act"], torch.float64)
-    same = native_ffn(x, ws[0], w3, ws[2], bi, bo, idx, p["act"], p["dtype"])
+    same = _torch_worst_order(x, ws[0], w3, ws[2], bi, bo, idx, p["act"], p["dtype"], oracle)
     assert_close_derived(y, oracle, same, f"{backend} {p}")
+
+
+def _torch_worst_order(x, w_in, w_up, w_down, b_in, b_out, idx, act, dtype, oracle):
+    """torch's own result in ``dtype`` with the gate/up sums taken in three orders along d (as is,
+    reversed, rotated), the one farthest from the oracle: where those sums cancel (a gate value 3000x
+    smaller than the sum of its terms' magnitudes, found by this fuzzing), which order errs least is
+    luck, and a kernel's 16-lane order may err twice as much as torch's as is, at one ulp of the terms."""
+    def reorder(t, how):
+        return t if t is None else {"as is": t, "reversed": t.flip(-1), "rotated": t.roll(7, -1)}[how]
+
+    outs = [native_ffn(reorder(x, how), reorder(w_in, how), reorder(w_up, how), w_down, b_in, b_out, idx, act,
+                       dtype) for how in ("as is", "reversed", "rotated")]
+    return max(outs, key=lambda o: (o.double() - oracle).abs().max().item() if o.numel() else 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

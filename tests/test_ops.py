@@ -509,7 +509,7 @@ def test_isa_fixture_runs_that_kernel(isa, dtype, rng):
     dispatched op on that path matches the oracle."""
     name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     assert _ext.get_isa() == isa
-    assert _ext.load().kernel_name(name, True).endswith("__" + isa)
+    assert _ext.load().kernel_name(name, True).split("__")[-1] in backends.kernel_isas(isa, name)
     D, d = 70, 45
     wg, wu, wd = _weights(rng, D, d, dtype)
     x = torch.randn(2, 3, d, generator=rng).to(dtype)

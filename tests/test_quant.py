@@ -194,7 +194,7 @@ def test_cpp_paths_agree_and_name_their_kernel(rng):
     outs = {}
     for isa in _ext.supported_isas():
         with _ext.isa(isa):
-            assert quant.kernel_name("q4_0") == f"q4_0_sparse_ffn__{isa}"
+            assert quant.kernel_name("q4_0").split("__")[-1] in backends.kernel_isas(isa, "q4_0")
             outs[isa] = quant.sparse_ffn_q(x, qg, qu, qd, idx, wtype="q4_0")
     ref = reference.sparse_ffn_q(x, qg, qu, qd, idx, "silu", "q4_0")
     (wg, wu, wd) = (quant.dequantize(q, "q4_0") for q in (qg, qu, qd))

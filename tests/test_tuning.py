@@ -118,9 +118,28 @@ def test_measure_times_every_candidate_and_restores_the_setting(setting, rng):
     layers = [tuple(_weights(rng, 64, 48, torch.float32)) for _ in range(3)]  # neuron-major [D, d]
     isa_before = C.get_isa()
     gbps = tuning.measure(layers, torch.float32, 48, keep=0.5, rounds=1)
-    want = {(i, n, p) for i in tuning._isa_candidates() for n, p in tuning.CANDIDATES}
+    isas = tuning._isa_candidates(lambda: C.kernel_name("float32", True))
+    want = {(i, n, p) for i in isas for n, p in tuning.CANDIDATES}
     assert set(gbps) == want and all(v > 0 for v in gbps.values())
     assert C.get_decode_tuning() == (2, 3) and C.get_isa() == isa_before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_each_kernel_is_timed_once(setting, dtype):
+    # avx512_ext / neon_ext run the plain path's kernel for the dtypes without an extension kernel:
+    # timing both would only double the measurement
+    C = setting
+    before = C.get_isa()
+    names = {}
+    for isa in _ext.supported_isas():
+        C.set_isa(isa)
+        names[isa] = C.kernel_name(dtype, True)
+    C.set_isa(before)
+    got = tuning._isa_candidates(lambda: C.kernel_name(dtype, True))
+    vector = [i for i in names if i != "scalar"] or ["scalar"]
+    assert len(got) == len({names[i] for i in got}), "a kernel timed twice"
+    assert {names[i] for i in got} == {names[i] for i in vector}, "a kernel never timed"
+    assert C.get_isa() == before
 
 
 def test_tiny_models_keep_the_defaults_unless_asked(cache, setting):

@@ -22,6 +22,7 @@ namespace glass {
 namespace {
 thread_local char g_error[512] = "";
 std::atomic<int> g_threads{0};  // 0: OpenMP default
+constexpr int kLastIsa = GLASS_ISA_AVX512_EXT;  // the highest glass_isa value
 
 // Decode tuning (neuron_groups.inc). The defaults are a starting point, not a measurement of this
 // machine: 4 neurons in flight per thread reached STREAM bandwidth where one at a time reached two
@@ -49,6 +50,22 @@ std::atomic<int>& g_prefetch() {
   static std::atomic<int> v{env_int("GLASS_PREFETCH_NEURONS", kDefaultPrefetch, 0, kMaxPrefetchSetting)};
   return v;
 }
+
+#if defined(GLASS_HAVE_AVX512_BF16) && !defined(GLASS_AVX512_EMULATED)
+// GLASS_ISA_AVX512_EXT: plain AVX-512, with the bf16 kernel replaced by the AVX512-BF16 one (its only
+// extension kernel so far; AVX512-FP16 or VNNI kernels would join it here, each where the CPU has it).
+const FfnTable& avx512_ext_table() {
+  static const FfnTable tab = [] {
+    FfnTable t = avx512::kTable;
+    t.ffn[GLASS_BF16] = avx512_bf16::kFfnBf16;
+    t.ffn_name[GLASS_BF16] = "bf16_sparse_ffn__avx512_bf16";
+    t.mlp_name[GLASS_BF16] = "bf16_sparse_mlp__avx512_bf16";
+    return t;
+  }();
+  return tab;
+}
+#define GLASS_AVX512_EXT_BUILT 1
+#endif
 
 #if defined(GLASS_HAVE_NEON)
 // GLASS_ISA_NEON_EXT: plain NEON, with the fp16 and bf16 kernels replaced by the extension kernels
@@ -96,6 +113,9 @@ const FfnTable* table_for(glass_isa isa) {
 #if defined(GLASS_HAVE_AVX512)
     case GLASS_ISA_AVX512: return &avx512::kTable;
 #endif
+#if defined(GLASS_AVX512_EXT_BUILT)
+    case GLASS_ISA_AVX512_EXT: return &avx512_ext_table();
+#endif
 #if defined(GLASS_HAVE_NEON)
     case GLASS_ISA_NEON: return &neon::kTable;
     case GLASS_ISA_NEON_EXT: return &neon_ext_table();
@@ -116,6 +136,9 @@ bool supported(glass_isa isa) {
 #elif defined(GLASS_HAVE_AVX512)
     case GLASS_ISA_AVX512: return cpu_has_avx512();
 #endif
+#if defined(GLASS_AVX512_EXT_BUILT)
+    case GLASS_ISA_AVX512_EXT: return cpu_has_avx512bf16();
+#endif
 #if defined(GLASS_HAVE_NEON)
     case GLASS_ISA_NEON: return cpu_has_neon();
     case GLASS_ISA_NEON_EXT: return neon_ext_usable();
@@ -125,6 +148,7 @@ bool supported(glass_isa isa) {
 }
 
 glass_isa best_isa() {
+  if (supported(GLASS_ISA_AVX512_EXT)) return GLASS_ISA_AVX512_EXT;
   if (supported(GLASS_ISA_AVX512)) return GLASS_ISA_AVX512;
   if (supported(GLASS_ISA_AVX2)) return GLASS_ISA_AVX2;
   if (supported(GLASS_ISA_NEON_EXT)) return GLASS_ISA_NEON_EXT;
@@ -138,7 +162,7 @@ glass_isa best_isa() {
 glass_isa initial_isa() {
   const char* env = std::getenv("GLASS_ISA");
   if (!env || !*env || std::strcmp(env, "auto") == 0) return best_isa();
-  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON_EXT; ++i) {
+  for (int i = GLASS_ISA_SCALAR; i <= kLastIsa; ++i) {
     glass_isa isa = static_cast<glass_isa>(i);
     if (std::strcmp(env, glass_isa_name(isa)) == 0) {
       if (supported(isa)) return isa;
@@ -147,7 +171,7 @@ glass_isa initial_isa() {
       return best_isa();
     }
   }
-  set_error("GLASS_ISA=%s is unknown (scalar|avx2|avx512|neon|neon_ext|auto); using %s", env,
+  set_error("GLASS_ISA=%s is unknown (scalar|avx2|avx512|avx512_ext|neon|neon_ext|auto); using %s", env,
             glass_isa_name(best_isa()));
   return best_isa();
 }
@@ -529,7 +553,7 @@ glass_status glass_select_neurons(const float* local, int64_t B, int64_t D,
 
 glass_status glass_set_isa(glass_isa isa) {
   g_error[0] = '\0';
-  if (isa < GLASS_ISA_AUTO || isa > GLASS_ISA_NEON_EXT) {
+  if (isa < GLASS_ISA_AUTO || isa > kLastIsa) {
     set_error("set_isa: isa = %d is not a glass_isa", static_cast<int>(isa));
     return GLASS_ERR_ARG;
   }
@@ -557,6 +581,7 @@ const char* glass_isa_name(glass_isa isa) {
     case GLASS_ISA_AVX512: return "avx512";
     case GLASS_ISA_NEON: return "neon";
     case GLASS_ISA_NEON_EXT: return "neon_ext";
+    case GLASS_ISA_AVX512_EXT: return "avx512_ext";
     default: return "unknown";
   }
 }

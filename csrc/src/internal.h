@@ -138,7 +138,11 @@ namespace avx512 { extern const FfnTable kTable; }
 #if defined(GLASS_HAVE_NEON)
 namespace neon { extern const FfnTable kTable; }
 #endif
-// NEON extension kernels, one dtype each (the rest of GLASS_ISA_NEON_EXT's table is plain NEON).
+// Extension kernels, one dtype each (the rest of GLASS_ISA_AVX512_EXT's / GLASS_ISA_NEON_EXT's table is
+// plain AVX-512 / NEON).
+#if defined(GLASS_HAVE_AVX512_BF16)
+namespace avx512_bf16 { extern const ffn_fn kFfnBf16; }
+#endif
 #if defined(GLASS_HAVE_NEON_FHM)
 namespace neon_fhm { extern const ffn_fn kFfnF16; }
 #endif
@@ -149,7 +153,7 @@ namespace neon_bf16 { extern const ffn_fn kFfnBf16; }
 // CPU feature detection (cpu_features.cpp).
 bool cpu_has_avx2();    // AVX2 + FMA + F16C, OS saves YMM state
 bool cpu_has_avx512();  // AVX-512 F/BW/VL/DQ, OS saves ZMM/opmask state
-bool cpu_has_avx512bf16();
+bool cpu_has_avx512bf16();  // AVX512-BF16 (VDPBF16PS) on top of cpu_has_avx512()
 bool cpu_has_neon();
 bool cpu_has_neon_fhm();   // FEAT_FHM (FMLAL) and FEAT_FP16, from HWCAP
 bool cpu_has_neon_bf16();  // FEAT_BF16 (BFMLALB/T), from HWCAP2

@@ -201,7 +201,7 @@ std::vector<double> run_ffn_case(const FfnCase& c, uint32_t seed, std::vector<do
 
 std::vector<glass_isa> supported_isas() {
   std::vector<glass_isa> v;
-  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_NEON_EXT; ++i)
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_AVX512_EXT; ++i)
     if (glass_isa_supported(static_cast<glass_isa>(i))) v.push_back(static_cast<glass_isa>(i));
   return v;
 }
@@ -747,9 +747,12 @@ void test_names() {
   for (glass_isa isa : supported_isas()) {
     glass_set_isa(isa);
     std::string n = glass_kernel_name(GLASS_BF16, 1);
-    // neon_ext runs per dtype either an extension kernel (..._neon_bf16) or plain NEON (..._neon).
+    // neon_ext / avx512_ext run per dtype either an extension kernel (..._neon_bf16, ..._avx512_bf16)
+    // or the plain path (..._neon, ..._avx512).
     const std::string want = std::string("bf16_sparse_ffn__") +
-                             (isa == GLASS_ISA_NEON_EXT ? "neon" : glass_isa_name(isa));
+                             (isa == GLASS_ISA_NEON_EXT     ? "neon"
+                              : isa == GLASS_ISA_AVX512_EXT ? "avx512"
+                                                            : glass_isa_name(isa));
     CHECK(n.compare(0, want.size(), want) == 0, "kernel name %s", n.c_str());
   }
   glass_set_isa(GLASS_ISA_AUTO);

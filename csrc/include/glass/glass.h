@@ -53,6 +53,8 @@ typedef enum {
   GLASS_ISA_NEON = 4,   /* AArch64 Advanced SIMD baseline: fp16/bf16 widened to fp32 */
   GLASS_ISA_NEON_EXT = 5, /* NEON + the widening multiply-adds the CPU has, per dtype: FMLAL
                             (FEAT_FHM) for fp16, BFMLALB/T (FEAT_BF16) for bf16; NEON otherwise */
+  GLASS_ISA_AVX512_EXT = 6, /* AVX-512 + the extensions the CPU has, per dtype: VDPBF16PS (AVX512-BF16)
+                              for the decode dot products of bf16 rows and bf16 x; AVX-512 otherwise */
   GLASS_ISA_INT_RANGE_ = 0x7fffffff /* not a value, see above */
 } glass_isa;
 
