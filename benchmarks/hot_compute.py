@@ -6,9 +6,13 @@ prefetch or in-flight setting can lift it, only fewer instructions per value.
 
     python benchmarks/hot_compute.py                              # q8_0, q4_0, float32, bfloat16; 1 and 2 threads
     python benchmarks/hot_compute.py --formats q8_0 --threads 1 --in-flight 4 --isa avx2
+    python benchmarks/hot_compute.py --formats bfloat16 --isa avx512 avx512_ext   # two paths, alternating
 
-Prints one line per case: the median GB/s of the rows read (quantized bytes for q8_0 / q4_0), its
-range over the rounds, and ns per 32-value block (quantized rows). Nothing here is asserted.
+Prints one line per case (and ISA path): the median GB/s of the rows read (quantized bytes for q8_0 /
+q4_0), its range over the rounds, and ns per 32-value block (quantized rows). With several paths,
+each round times them in turn on the same rows (this VM-class machine drifts by more than the
+differences between paths within minutes), and a last line gives the median and range of the
+per-round ratios of each path to the first. Nothing here is asserted.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ def layer(fmt: str, d: int, D: int) -> tuple[torch.Tensor, ...]:
     return tuple(block[:, j] for j in range(3))
 
 
-def measure(fmt: str, d: int, cache_bytes: int, threads: int, rounds: int, seconds: float) -> dict:
+def measure(fmt: str, d: int, cache_bytes: int, threads: int, rounds: int, seconds: float,
+            isas: list[str]) -> dict:
+    """GB/s per round for each of ``isas`` (the paths alternate within each round)."""
     D = max(threads, cache_bytes * threads // (3 * row_bytes(fmt, d)))  # each thread's share fits its cache
     ops = layer(fmt, d, D)
     x = torch.randn(1, 1, d).to(torch.float32 if fmt in quant.QTYPES else getattr(torch, fmt))
@@ -46,16 +52,21 @@ def measure(fmt: str, d: int, cache_bytes: int, threads: int, rounds: int, secon
         run(ops, idx)
 
     nbytes = 3 * D * row_bytes(fmt, d)
-    for _ in range(20):
-        call()
-    got = []
+    got = {isa: [] for isa in isas}
+    for isa in isas:  # warm up every path (code, rows in cache)
+        _C.set_isa(isa)
+        for _ in range(20):
+            call()
+    slot = seconds / rounds / len(isas)
     for _ in range(rounds):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / rounds:
-            for _ in range(50):
-                call()
-            n += 50
-        got.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+        for isa in isas:
+            _C.set_isa(isa)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < slot:
+                for _ in range(50):
+                    call()
+                n += 50
+            got[isa].append(n * nbytes / (time.perf_counter() - t0) / 1e9)
     return {"D": D, "gbps": got, "bytes": nbytes}
 
 
@@ -66,26 +77,32 @@ def main(argv=None) -> None:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--cache-kib", type=int, default=512, help="bytes of rows per thread (fit them in L2)")
     p.add_argument("--in-flight", type=int, default=4)
-    p.add_argument("--isa", help="force this ISA path (set_isa)")
+    p.add_argument("--isa", nargs="+", help="ISA path(s) to time (set_isa; default: the automatic choice); "
+                   "several alternate within each round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="per case")
     a = p.parse_args(argv)
-    if a.isa:
-        _C.set_isa(a.isa)
+    isas = a.isa or [_C.get_isa()]
     _C.set_decode_tuning(a.in_flight, 0)  # rows already in cache: nothing to prefetch
-    print(f"ISA {_C.get_isa()}, {a.in_flight} in flight, d = {a.d}, {a.cache_kib} KiB of rows per thread, "
+    print(f"ISA {', '.join(isas)}, {a.in_flight} in flight, d = {a.d}, {a.cache_kib} KiB of rows per thread, "
           f"torch {torch.__version__}")
     for threads in a.threads:
         torch.set_num_threads(threads)
         _C.set_num_threads(threads)
         for fmt in a.formats:
-            r = measure(fmt, a.d, a.cache_kib * 1024, threads, a.rounds, a.seconds)
-            med = statistics.median(r["gbps"])
-            per_block = ""
-            if fmt in quant.QTYPES:
-                per_block = f", {quant.block_bytes(fmt) / med * threads:.2f} ns per block per thread"
-            print(f"{fmt:9s} {threads} thread(s), D = {r['D']}: {med:.1f} GB/s "
-                  f"({min(r['gbps']):.1f}-{max(r['gbps']):.1f}){per_block}", flush=True)
+            r = measure(fmt, a.d, a.cache_kib * 1024, threads, a.rounds, a.seconds, isas)
+            for isa, got in r["gbps"].items():
+                med = statistics.median(got)
+                per_block = ""
+                if fmt in quant.QTYPES:
+                    per_block = f", {quant.block_bytes(fmt) / med * threads:.2f} ns per block per thread"
+                print(f"{fmt:9s} {threads} thread(s), {isa}, D = {r['D']}: {med:.1f} GB/s "
+                      f"({min(got):.1f}-{max(got):.1f}){per_block}", flush=True)
+            first = r["gbps"][isas[0]]
+            for isa in isas[1:]:
+                ratios = [v / f for v, f in zip(r["gbps"][isa], first)]
+                print(f"{'':9s} {isa} / {isas[0]}, per round: {statistics.median(ratios):.2f}x "
+                      f"({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
 
 if __name__ == "__main__":

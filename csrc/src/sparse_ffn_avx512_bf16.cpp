@@ -14,7 +14,7 @@
 // Measured (2026-12-07, AMD EPYC Zen 4, 2 threads, one process against the plain AVX-512 kernel,
 // 4 neurons in flight, prefetch 4; reports/bench/ab-builds/zen4-bf16dot-20261207.md): cold rows,
 // the bandwidth in its slow state: bf16 2048x8192 1.17-1.38x, 4096x14336 1.13x, 576x1536 1.03-1.05x;
-// rows in L2: 1.3-1.7x. (On a Xeon, before the neuron groups and the in-loop prefetch, the same
+// rows in L2: 1.16-1.30x. (On a Xeon, before the neuron groups and the in-loop prefetch, the same
 // instruction gained nothing: README.)
 //
 // Compiled with the AVX-512 flags plus -mavx512bf16 for this file only; GLASS_ISA_AVX512_EXT uses it
