@@ -41,7 +41,7 @@ glass_qtype parse_qtype(const std::string& s) {
 }
 
 glass_isa parse_isa(const std::string& s) {
-  for (int i = GLASS_ISA_AUTO; i <= GLASS_ISA_AVX512_EXT; ++i)
+  for (int i = GLASS_ISA_AUTO; i <= GLASS_ISA_LAST_; ++i)
     if (s == glass_isa_name(static_cast<glass_isa>(i))) return static_cast<glass_isa>(i);
   throw py::value_error("isa: expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512_ext', 'neon' or 'neon_ext', got '" + s +
                         "'");
@@ -236,7 +236,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_isa", []() { return std::string(glass_isa_name(glass_get_isa())); });
   m.def("supported_isas", []() {
     std::vector<std::string> out;
-    for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_AVX512_EXT; ++i)
+    for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_LAST_; ++i)
       if (glass_isa_supported(static_cast<glass_isa>(i)))
         out.emplace_back(glass_isa_name(static_cast<glass_isa>(i)));
     return out;

@@ -22,7 +22,6 @@ namespace glass {
 namespace {
 thread_local char g_error[512] = "";
 std::atomic<int> g_threads{0};  // 0: OpenMP default
-constexpr int kLastIsa = GLASS_ISA_AVX512_EXT;  // the highest glass_isa value
 
 // Decode tuning (neuron_groups.inc). The defaults are a starting point, not a measurement of this
 // machine: 4 neurons in flight per thread reached STREAM bandwidth where one at a time reached two
@@ -162,7 +161,7 @@ glass_isa best_isa() {
 glass_isa initial_isa() {
   const char* env = std::getenv("GLASS_ISA");
   if (!env || !*env || std::strcmp(env, "auto") == 0) return best_isa();
-  for (int i = GLASS_ISA_SCALAR; i <= kLastIsa; ++i) {
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_LAST_; ++i) {
     glass_isa isa = static_cast<glass_isa>(i);
     if (std::strcmp(env, glass_isa_name(isa)) == 0) {
       if (supported(isa)) return isa;
@@ -553,7 +552,7 @@ glass_status glass_select_neurons(const float* local, int64_t B, int64_t D,
 
 glass_status glass_set_isa(glass_isa isa) {
   g_error[0] = '\0';
-  if (isa < GLASS_ISA_AUTO || isa > kLastIsa) {
+  if (isa < GLASS_ISA_AUTO || isa > GLASS_ISA_LAST_) {
     set_error("set_isa: isa = %d is not a glass_isa", static_cast<int>(isa));
     return GLASS_ERR_ARG;
   }

@@ -201,7 +201,7 @@ std::vector<double> run_ffn_case(const FfnCase& c, uint32_t seed, std::vector<do
 
 std::vector<glass_isa> supported_isas() {
   std::vector<glass_isa> v;
-  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_AVX512_EXT; ++i)
+  for (int i = GLASS_ISA_SCALAR; i <= GLASS_ISA_LAST_; ++i)
     if (glass_isa_supported(static_cast<glass_isa>(i))) v.push_back(static_cast<glass_isa>(i));
   return v;
 }

@@ -55,6 +55,7 @@ typedef enum {
                             (FEAT_FHM) for fp16, BFMLALB/T (FEAT_BF16) for bf16; NEON otherwise */
   GLASS_ISA_AVX512_EXT = 6, /* AVX-512 + the extensions the CPU has, per dtype: VDPBF16PS (AVX512-BF16)
                               for the decode dot products of bf16 rows and bf16 x; AVX-512 otherwise */
+  GLASS_ISA_LAST_ = GLASS_ISA_AVX512_EXT, /* not a path: the highest value, for loops over the paths */
   GLASS_ISA_INT_RANGE_ = 0x7fffffff /* not a value, see above */
 } glass_isa;
 
