@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .checkpoint import StudyCheckpoint, code_id, stats_digest
 from .metrics import TokenScores, kl_per_token, nll_per_token, top1_agree
 
 __all__ = ["Option", "study_options", "run_study"]
@@ -75,6 +76,19 @@ def study_options(lams=(0.25, 0.5, 0.75, 1.0)) -> list[Option]:
     return out
 
 
+def _checkpoint_key(fingerprint: str, source: str, stats, settings) -> dict:
+    """Everything that decides a source's fit and scores (evaluation/checkpoint.py): the model, the
+    statistics, the study's settings, the code, and where it runs (torch's CPU kernels and the C++
+    core's ISA path may round differently; the thread count changes the order of sums)."""
+    from ..machine import describe_machine
+
+    machine = {k: v for k, v in describe_machine().items() if k != "glass_kernels_commit"}  # code_id says it
+    study = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+             if f.name.startswith("adaptive_") or f.name == "batch_size"}
+    return {"model_fingerprint": fingerprint, "source": source, "stats": stats_digest(stats), "settings": study,
+            "code": code_id(), "machine": machine}
+
+
 def _ffn_bytes(model, sites, gcfg, stats) -> int:
     """FFN weight bytes one decode step reads with this configuration (every layer's kept rows)."""
     from ..patch.selection import layer_k
@@ -85,9 +99,12 @@ def _ffn_bytes(model, sites, gcfg, stats) -> int:
 
 
 def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, cache_file, fingerprint,
-              progress_cls, log) -> dict:
+              progress_cls, log, checkpoint_root=None) -> dict:
     """The study's results dict (see the module docstring); ``gen(ids, n, desc)`` makes/caches the
-    dense continuations, ``stats_by_source``: {"nps": GlobalStats, ...}."""
+    dense continuations, ``stats_by_source``: {"nps": GlobalStats, ...}. ``checkpoint_root``: a
+    folder where each fit and scored row is kept as soon as it exists, and found again by a later
+    run with the same model, statistics, settings, code and machine (evaluation/checkpoint.py);
+    None: nothing kept."""
     from ..adaptive import fit_selection, json_float
     from ..ffn import find_ffn_sites
     from ..models import has_default_system_prompt
@@ -110,12 +127,22 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
            "tune_prompts": len(tune_items), "heldout_prompts": len(held_items), "sources": {}}
     for source, stats in stats_by_source.items():
         t = time.perf_counter()
-        tune_ids = []
-        for target in settings.adaptive_targets:
-            tune_ids += encode_prompts(tok, length_prompts(tune_items, tune_pool, tok, chat, target), chat)
-        fitted = fit_selection(model, tok, stats, prompts=tune_ids, gen_tokens=settings.adaptive_gen_tokens,
-                               batch_size=settings.batch_size, cache_file=cache_file, progress=settings.progress,
-                               log=log)
+        ckpt = None if checkpoint_root is None else StudyCheckpoint(
+            checkpoint_root, f"{name}-{source}", _checkpoint_key(fingerprint, source, stats, settings))
+        fitted = None if ckpt is None else ckpt.load_fit(model)
+        resumed = fitted is not None
+        if not resumed:
+            tune_ids = []
+            for target in settings.adaptive_targets:
+                tune_ids += encode_prompts(tok, length_prompts(tune_items, tune_pool, tok, chat, target), chat)
+            fitted = fit_selection(model, tok, stats, prompts=tune_ids, gen_tokens=settings.adaptive_gen_tokens,
+                                   batch_size=settings.batch_size, cache_file=cache_file, progress=settings.progress,
+                                   log=log)
+            if ckpt is not None:
+                ckpt.save_fit(fitted)
+                ckpt.add_seconds(time.perf_counter() - t)
+        else:
+            log(f"{name} {source}: the fit and {ckpt.resumed_rows} scored rows from {ckpt.path} (a stopped run's)")
         fit = fitted.fit
         rows = [s.handler.row_elems for s in sites]
         src = {"fit": {"tau": json_float(fit.tau), "layer_tau": [json_float(t) for t in fit.layer_tau], "meta": fit.meta,
@@ -130,6 +157,11 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                                   for o in options for k in keeps}
         for vname, system in vlist:
             for target in settings.adaptive_targets:
+                saved = None if ckpt is None else ckpt.row(vname, target)
+                if saved is not None:
+                    src["rows"].append(saved)
+                    continue
+                t_row = time.perf_counter()
                 texts = length_prompts(held_items, held_pool, tok, chat, target)
                 ids = encode_prompts(tok, texts, chat, system=system)
                 conts = gen(ids, settings.adaptive_gen_tokens, f"adaptive-{source}-{vname}-{target}")
@@ -148,12 +180,17 @@ def run_study(model, tok, name: str, settings, stats_by_source: dict, *, gen, ca
                             bar(1)
                     del ref
                 bar.close()
-                src["rows"].append({"variant": vname, "context_tokens": target,
-                                    "prompt_tokens_mean": sum(map(len, ids)) / len(ids),
-                                    "results": {key: sc.summary() for key, sc in scores.items()}})
+                row = {"variant": vname, "context_tokens": target, "prompt_tokens_mean": sum(map(len, ids)) / len(ids),
+                       "results": {key: sc.summary() for key, sc in scores.items()}}
+                src["rows"].append(row)
+                if ckpt is not None:
+                    ckpt.add_row(row, time.perf_counter() - t_row)
                 log(f"{name} {source} {vname} +{target}: " + ", ".join(
                     f"{key} {sc.kl:.3f}" for key, sc in scores.items()))
-        src["seconds"] = round(time.perf_counter() - t, 1)
+        # over every run that made the pieces, where a checkpoint kept them
+        src["seconds"] = ckpt.seconds if ckpt is not None else round(time.perf_counter() - t, 1)
+        if resumed:
+            src["resumed"] = {"checkpoint": str(ckpt.path), "rows": ckpt.resumed_rows}
         src["summary"] = summarize(src, options, keeps)
         out["sources"][source] = src
     return out

@@ -600,7 +600,8 @@ def evaluate_model(name: str, settings: EvalSettings, *, loader=None, out_dir: P
             by_source["nps-small"] = _small_stats(model, tok, name, settings)
         res["adaptive"] = run_study(
             model, tok, name, settings, by_source, gen=gen, cache_file=cache_file, fingerprint=fingerprint,
-            progress_cls=lambda total, desc: _Progress(total, desc, settings.progress), log=logger.info)
+            progress_cls=lambda total, desc: _Progress(total, desc, settings.progress), log=logger.info,
+            checkpoint_root=cache_file.parent / "adaptive")  # a stopped study goes on from its last piece
         timing["adaptive_s"] = round(time.perf_counter() - t, 1)
         if checkpoint:
             checkpoint(dict(res, timing=dict(timing), partial=True))
