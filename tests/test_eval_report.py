@@ -267,6 +267,11 @@ def test_adaptive_section_table_verdict_and_plot(tmp_path):
     assert "meets the bar" in md
     assert "share 0.25 of the reallocation (tune KL by share: 0 1.3000, 0.25 1.2000, 1 1.4000)" in md
     assert "Joint-context refinement: keep 0.5: KL 1.2000 -> 1.1000 by 1 moves (sensitivity prompts)" in md
+    assert "Resumed" not in md
+    res["adaptive"]["sources"]["nps"] |= {"resumed": {"checkpoint": "x", "rows": 1}, "seconds": 12.5}
+    REP.write_report(res, tmp_path)
+    assert ("Resumed: the fit and 1 of the scored rows below come from a stopped run of the same code, inputs "
+            "and machine (12.5 s of computing over all runs)") in (tmp_path / "report.md").read_text()
     s = _adaptive(0.05)["sources"]["nps"]["summary"]["template@0.5"]
     from glass_kernels.evaluation.adaptive_report import adaptive_verdict
 

@@ -69,7 +69,7 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
               f"{st.get('num_tokens')} tokens)", "",
               f"Fitted tau {tau:g} (lambda {_lam(tau, 40):.2f} at 40 prompt tokens, {_lam(tau, 300):.2f} at 300); "
               "per layer: " + ", ".join(f"{float(t):.0f}" for t in fit["layer_tau"]) + f". {_share_line(fit)}"
-              f"Fit time {fit['meta'].get('seconds')} s.", ""]
+              f"Fit time {fit['meta'].get('seconds')} s.{_resumed_line(src)}", ""]
         for key, summ in src["summary"].items():
             variant, keep = key.split("@")
             rows = [r for r in src["rows"] if r["variant"] == variant]
@@ -87,6 +87,15 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
             L += ["", adaptive_verdict(summ) + f"; the best single lambda of each bucket would give "
                   f"{_pct(headroom(src, variant, keep))} (the most any lambda-by-length rule can gain here)", ""]
     return L
+
+
+def _resumed_line(src: dict) -> str:
+    """Where a stopped run's pieces were reused (evaluation/checkpoint.py), say so."""
+    r = src.get("resumed")
+    if not r:
+        return ""
+    return (f" Resumed: the fit and {r['rows']} of the scored rows below come from a stopped run of the same "
+            f"code, inputs and machine ({src.get('seconds')} s of computing over all runs).")
 
 
 def _share_line(fit: dict) -> str:
