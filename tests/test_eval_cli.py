@@ -92,6 +92,7 @@ def test_merge_results_describes_the_newest_run_and_records_each():
     assert "all held-out prompts" in line and "64x256 (14711 tokens)" in line and "256-token" in line
     assert "--parts heldout" in line
     assert "6 tune prompts" in _run_line(m["runs"][0])
+    assert "AMD EPYC (avx2)" in _run_line({"parts": ["heldout"], "machine": {"cpu": "AMD EPYC", "glass_isa": "avx2"}})
 
 
 def test_run_line_describes_a_prompt_length_run_by_its_own_sizes():

@@ -53,6 +53,9 @@ def test_eval_report_files_and_content(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["heldout"]["results"]["griffin@0.5"]["kl"] == 2.0
     md = (tmp_path / "report.md").read_text()
     assert "python -m glass_kernels eval --quick" in md
+    assert "Machine: " in md and "the newest run" not in md  # one run: its machine and statistics
+    merged = REP.markdown_report(res | {"runs": [{"parts": ["heldout"]}, {"parts": ["adaptive"]}]})
+    assert "Machine of the newest run (each run's in the list below): " in merged and "the newest run's)" in merged
     # A-GLASS 1.5 vs GRIFFIN 2.0: -25.0%; I-GLASS 2.5: +25.0% and "does NOT beat"
     assert "A-GLASS beats GRIFFIN (KL -25.0%" in md
     assert "I-GLASS does NOT beat GRIFFIN (KL +25.0%" in md

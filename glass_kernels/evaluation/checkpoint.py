@@ -5,10 +5,10 @@ cores, most of it in pieces that do not depend on each other once made: per stat
 fit, then one scored row per (chat-template variant, length bucket). :class:`StudyCheckpoint` keeps
 each piece as soon as it exists (the fit as a statistics file, safetensors; the rows as JSON) in a
 folder named by a digest of everything that decides them: the model's weights, the statistics, the
-study's settings, this package's code (its Python sources, prompt data and C++ core), torch's
-version, the thread count and the C++ core's ISA path. A later run for which all of these are the
-same continues from there; anything different gives a new folder and a fresh start, so a resumed
-result is the one an uninterrupted run would have given.
+study's settings, this package's code (its Python sources but the report writers, prompt data and
+C++ core), torch's version, the thread count and the C++ core's ISA path. A later run for which all
+of these are the same continues from there; anything different gives a new folder and a fresh
+start, so a resumed result is the one an uninterrupted run would have given.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ _CODE_SUFFIXES = (".py", ".json", ".so", ".pyd", ".dll", ".dylib")
 
 def code_id() -> str:
     """A digest of the installed glass_kernels package: every Python source, packaged data file and
-    the compiled C++ core (a change to any of them may change a result)."""
+    the compiled C++ core (a change to any of them may change a result), except the report writers
+    (``*report.py``), which only format the saved pieces and run again on every resumed run."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CODE_SUFFIXES
-                       and "__pycache__" not in p.parts):
+                       and "__pycache__" not in p.parts and not p.name.endswith("report.py")):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()

@@ -97,6 +97,8 @@ def _run_line(run: dict) -> str:
         bits.append("statistics " + ", ".join(f"{k} {v.get('num_sequences')}x{v.get('seq_len')} ({v.get('num_tokens')} tokens)"
                                                for k, v in st.items()))
     m = run.get("machine") or {}
+    if m.get("cpu"):
+        bits.append(f"{m['cpu']} ({m.get('glass_isa', '-')})")
     if m.get("torch_threads"):
         bits.append(f"{m['torch_threads']} threads")
     if run.get("command"):
@@ -109,7 +111,10 @@ def markdown_report(res: dict, command: str | None = None) -> str:
     L = [f"# GLASS evaluation: {name}", ""]
     s = res["settings"]
     m = res.get("machine", {})
-    L += [f"Machine: {m.get('cpu', '?')}, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch')}, "
+    runs = res.get("runs") or []
+    newest = " of the newest run (each run's in the list below)" if len(runs) > 1 else ""
+    newest_stats = ", the newest run's" if len(runs) > 1 else ""
+    L += [f"Machine{newest}: {m.get('cpu', '?')}, {m.get('torch_threads', '?')} torch threads, torch {m.get('torch')}, "
           f"C++ core: {m.get('glass_ext')} ({m.get('glass_isa', '-')}). Model in fp32 (the shipped checkpoints are "
           f"4-bit GGUF files, dequantized at load), "
           f"{'chat template' if res.get('chat_template') else 'raw prompt'}.", ""]
@@ -122,9 +127,10 @@ def markdown_report(res: dict, command: str | None = None) -> str:
           "the dense argmax. Oracle = the top-k of the same activation statistic computed on the "
           "continuation itself (an upper reference, not a method). Global statistics: NPS "
           f"({res['stats']['nps']['num_sequences']} self-generated sequences x {res['stats']['nps']['seq_len']} "
-          f"tokens, {res['stats']['nps']['num_tokens']} tokens) unless marked (text) = "
-          f"{res['stats']['text']['text']} ({res['stats']['text']['num_tokens']} tokens).", ""]
-    runs = res.get("runs") or []
+          f"tokens, {res['stats']['nps']['num_tokens']} tokens{newest_stats}) "
+          f"unless marked (text) = {res['stats']['text']['text']} ({res['stats']['text']['num_tokens']} tokens). "
+          "Each machine calibrates its own statistics (float results differ in their last bits between CPUs, "
+          "which changes some greedy choices of the self-generated text), so their token counts identify them.", ""]
     if len(runs) > 1:
         L += [f"This report merges {len(runs)} runs (`--merge`); a later run's part replaces an earlier one's, "
               "so the newest run that has a part is the one shown:", ""]
