@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import glass_kernels.evaluation.adaptive_report as A
+
 from glass_kernels.evaluation import bench_report as BR
 from glass_kernels.evaluation import report as REP
 
@@ -271,6 +273,9 @@ def test_adaptive_section_table_verdict_and_plot(tmp_path):
     assert "share 0.25 of the reallocation (tune KL by share: 0 1.3000, 0.25 1.2000, 1 1.4000)" in md
     assert "Joint-context refinement: keep 0.5: KL 1.2000 -> 1.1000 by 1 moves (sensitivity prompts)" in md
     assert "Resumed" not in md
+    assert "refined with every layer sparse" in md  # this fit has a refinement
+    del res["adaptive"]["sources"]["nps"]["fit"]["meta"]["refine"]
+    assert "share of the reallocation; +keep-all: all of it" in "\n".join(A.adaptive_markdown(res["adaptive"]))
     res["adaptive"]["sources"]["nps"] |= {"resumed": {"checkpoint": "x", "rows": 1}, "seconds": 12.5}
     REP.write_report(res, tmp_path)
     assert ("Resumed: the fit and 1 of the scored rows below come from a stopped run of the same code, inputs "

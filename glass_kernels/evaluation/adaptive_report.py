@@ -50,6 +50,14 @@ def headroom(src: dict, variant: str, keep: str) -> float:
     return (sum(per_bucket) / len(per_bucket)) / best["mean_kl"] - 1
 
 
+def _keep_words(a: dict) -> str:
+    """What "+keep" meant in these results: fits made before the joint-context refinement had none."""
+    if any(src["fit"]["meta"].get("refine") for src in a["sources"].values()):
+        return ("applied by the fitted share of the reallocation and refined with every layer sparse; "
+                "+keep-unrefined: before that refinement; +keep-all: all of the reallocation, unrefined")
+    return "applied by the fitted share of the reallocation; +keep-all: all of it"
+
+
 def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
     L = [f"## Adaptive selection (held-out, {a['heldout_prompts']} prompts per bucket, {a['gen_tokens']}-token "
          "continuations)", "",
@@ -57,7 +65,8 @@ def adaptive_markdown(a: dict, chat_template: bool = True) -> list[str]:
          f"{a['tune_prompts']} tune prompts x {len(a['buckets'])} lengths); each bucket prepends that many tokens of "
          "other prompts. Options: griffin (lambda 0), lam=x (one lambda), length (lambda = tau / (tau + n), n "
          "= prompt tokens), layer (one tau per layer), +keep (per-layer keep from the fit, the same FFN bytes "
-         "per token, applied by the fitted share of the reallocation and refined with every layer sparse; +keep-unrefined: before that refinement; +keep-all: all of the reallocation, unrefined). Best single lambda = the lowest mean KL over the buckets among griffin and lam=x, "
+         f"per token, {_keep_words(a)}). Best single lambda = the lowest mean KL over the buckets among griffin "
+         "and lam=x, "
          "chosen in hindsight on these held-out prompts (the strictest comparison). Variants: template = the "
          "chat template as shipped; no-system = an empty system turn instead of the template's default "
          "system prompt." + ("" if chat_template else " This model has no chat template: its prompts are the raw "
