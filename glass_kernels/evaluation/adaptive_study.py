@@ -82,7 +82,8 @@ def _checkpoint_key(fingerprint: str, source: str, stats, settings) -> dict:
     core's ISA path may round differently; the thread count changes the order of sums)."""
     from ..machine import describe_machine
 
-    machine = {k: v for k, v in describe_machine().items() if k != "glass_kernels_commit"}  # code_id says it
+    # the commit: code_id says what matters of it; the platform string: a kernel update changes no result
+    machine = {k: v for k, v in describe_machine().items() if k not in ("glass_kernels_commit", "platform")}
     study = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
              if f.name.startswith("adaptive_") or f.name == "batch_size"}
     return {"model_fingerprint": fingerprint, "source": source, "stats": stats_digest(stats), "settings": study,
