@@ -6,11 +6,11 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from glass_kernels.evaluation import adaptive_study as S
 from glass_kernels.evaluation import run as R
 from glass_kernels.evaluation.checkpoint import StudyCheckpoint
+from glass_kernels.stats import StatsFileError
 from tiny_models import VOCAB, build, random_stats
 
 pytest.importorskip("transformers")
@@ -111,5 +111,5 @@ def test_a_damaged_checkpoint_is_named(model, tmp_path):
         StudyCheckpoint(tmp_path, "m", {"k": 1})
     (ckpt.path / "progress.json").unlink()
     (ckpt.path / "fit.safetensors").write_bytes(b"garbage")
-    with pytest.raises(Exception, match="fit.safetensors"):
+    with pytest.raises(StatsFileError, match="fit.safetensors"):
         StudyCheckpoint(tmp_path, "m", {"k": 1}).load_fit(model)
